@@ -1,0 +1,335 @@
+"""MVAM: configuration, multi-view pooling, losses, saving/loading, processor and pipeline."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY_TEXT, TINY_VISION, run_fresh_python, tiny_text_config
+from hf_mvam import MVAMConfig, MVAMModel, MVAMProcessor
+from hf_mvam.losses import attention_overlap
+from hf_mvam.modeling_mvam import MultiViewAttentionPooling
+
+
+def tiny_model(tokenizer, **kwargs) -> MVAMModel:
+    config = MVAMConfig(vision_config=TINY_VISION, text_config=tiny_text_config(tokenizer), projection_dim=16, **kwargs)
+    return MVAMModel(config).eval()
+
+
+def images(n: int):
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+# --- configuration --------------------------------------------------------------------------------
+
+
+def test_config_round_trip(tmp_path):
+    config = MVAMConfig(vision_config=TINY_VISION, text_config={**TINY_TEXT, "vocab_size": 50}, num_views=3)
+    again = MVAMConfig.from_dict(config.to_dict())
+    assert again.to_dict() == config.to_dict()
+    assert type(again.vision_config).__name__ == "CLIPVisionConfig" and again.vision_config.hidden_size == 32
+    config.save_pretrained(tmp_path)
+    loaded = MVAMConfig.from_pretrained(tmp_path)
+    assert loaded.num_views == 3 and loaded.text_config.vocab_size == 50
+    assert json.loads((tmp_path / "config.json").read_text())["vision_config"]["model_type"] == "clip_vision_model"
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"num_views": 0}, "num_views"),
+        ({"num_views": 2.5}, "num_views"),
+        ({"projection_dim": 0}, "projection_dim"),
+        ({"diversity_weight": -0.1}, "diversity_weight"),
+        ({"diversity_weight": float("nan")}, "diversity_weight"),
+        ({"vision_config": {"model_type": "not-a-model"}}, "vision_config"),
+        ({"text_config": {"hidden_size": 8}}, "text_config"),
+    ],
+)
+def test_config_validation_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        MVAMConfig(**kwargs)
+
+
+# --- the model ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_views", [1, 4])
+def test_forward_shapes_and_unit_norm(tiny_tokenizer, mvam_processor, num_views):
+    model = tiny_model(tiny_tokenizer, num_views=num_views)
+    batch = mvam_processor(text=["a red circle", "a small green star above a large yellow triangle", "star"], images=images(2))
+    assert batch["attention_mask"][0].sum() < batch["attention_mask"].shape[1]  # padding present
+    out = model(**batch, output_attentions=True)
+    width = num_views * 16
+    assert out.image_embeds.shape == (2, width) and out.text_embeds.shape == (3, width)
+    assert out.logits_per_image.shape == (2, 3) and torch.equal(out.logits_per_text, out.logits_per_image.t())
+    assert out.image_view_embeds.shape == (2, num_views, 16)
+    torch.testing.assert_close(out.image_view_embeds.norm(dim=-1), torch.ones(2, num_views))
+    torch.testing.assert_close(out.text_view_embeds.norm(dim=-1), torch.ones(3, num_views))
+    # the concatenated similarity is the mean of the per-view cosines
+    per_view = torch.einsum("ikp,tkp->itk", out.image_view_embeds, out.text_view_embeds).mean(-1)
+    torch.testing.assert_close(out.image_embeds @ out.text_embeds.t(), per_view)
+    assert out.image_view_attentions.shape == (2, num_views, 17)  # 4 x 4 patches + CLS
+    text_attention = out.text_view_attentions
+    assert text_attention.shape == (3, num_views, batch["input_ids"].shape[1])
+    assert torch.all(text_attention[batch["attention_mask"][:, None, :].expand_as(text_attention) == 0] == 0)
+    torch.testing.assert_close(text_attention.sum(-1), torch.ones(3, num_views))
+
+
+def test_padding_and_batch_invariance(tiny_tokenizer, mvam_processor):
+    model = tiny_model(tiny_tokenizer)
+    alone = mvam_processor(text=["a red circle"], images=images(1))
+    batched = mvam_processor(text=["a red circle", "a small green star above a large yellow triangle"], images=images(2))
+    with torch.no_grad():
+        out_alone, out_batched = model(**alone), model(**batched)
+    torch.testing.assert_close(out_alone.text_embeds[0], out_batched.text_embeds[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_alone.image_embeds[0], out_batched.image_embeds[0], atol=1e-5, rtol=1e-5)
+
+
+def test_loss_parts_gradients_and_training_decreases_loss(tiny_tokenizer, mvam_processor):
+    model = tiny_model(tiny_tokenizer, num_views=4, diversity_weight=0.5).train()
+    batch = mvam_processor(text=["a red circle", "a small green star", "a blue square", "an orange diamond"], images=images(4))
+    out = model(**batch, return_loss=True)
+    torch.testing.assert_close(out.loss, out.contrastive_loss + 0.5 * out.diversity_loss)
+    out.loss.backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
+    assert not no_grad, f"parameters without gradient: {no_grad}"
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        optimizer.zero_grad()
+        loss = model(**batch, return_loss=True).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_single_view_without_diversity_is_plain_clip(tiny_tokenizer, mvam_processor):
+    model = tiny_model(tiny_tokenizer, num_views=1, diversity_weight=0.0)
+    batch = mvam_processor(text=["a red circle", "a blue square"], images=images(2))
+    out = model(**batch, return_loss=True)
+    assert out.diversity_loss.item() == 0.0
+    logits = out.logits_per_image
+    labels = torch.arange(2)
+    expected = (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.t(), labels)) / 2
+    torch.testing.assert_close(out.loss, expected)
+    torch.testing.assert_close(out.image_embeds, out.image_view_embeds[:, 0])
+
+
+def test_return_dict_false_gives_tuple(tiny_tokenizer, mvam_processor):
+    model = tiny_model(tiny_tokenizer)
+    batch = mvam_processor(text=["a red circle"], images=images(1))
+    as_tuple = model(**batch, return_dict=False)
+    torch.testing.assert_close(as_tuple[0], model(**batch).logits_per_image)
+
+
+# --- the diversity objective ----------------------------------------------------------------------
+
+
+def test_attention_overlap_hand_built():
+    disjoint = torch.tensor([[[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]]])
+    identical = torch.tensor([[[0.25, 0.25, 0.25, 0.25]] * 3])
+    half = torch.tensor([[[1.0, 0.0], [0.5, 0.5]]])  # cos = 0.5 / sqrt(0.5) = sqrt(0.5), squared = 0.5
+    assert attention_overlap(disjoint).item() == pytest.approx(0.0, abs=1e-7)
+    assert attention_overlap(identical).item() == pytest.approx(1.0)
+    assert attention_overlap(half).item() == pytest.approx(0.5)
+    # CAMERA's ||ÂᵀÂ - I||²_F over off-diagonal entries, / K(K-1), with unit-norm columns
+    random = torch.rand(2, 4, 7).softmax(-1)
+    unit = random / random.norm(dim=-1, keepdim=True)
+    gram = unit @ unit.transpose(1, 2)
+    camera = ((gram - torch.eye(4)) ** 2).sum((1, 2)) / 12
+    torch.testing.assert_close(attention_overlap(random), camera)
+    assert torch.all(attention_overlap(random) <= 1.0)
+
+
+def test_diversity_weight_pushes_views_apart():
+    torch.manual_seed(0)
+    pooling = MultiViewAttentionPooling(hidden_size=16, num_views=4, projection_dim=8)
+    states = torch.randn(8, 10, 16)
+    before = attention_overlap(pooling(states)[1]).mean().item()
+    optimizer = torch.optim.Adam(pooling.parameters(), lr=0.05)
+    for _ in range(50):
+        optimizer.zero_grad()
+        attention_overlap(pooling(states)[1]).mean().backward()
+        optimizer.step()
+    assert attention_overlap(pooling(states)[1]).mean().item() < 0.5 * before
+
+
+# --- saving and loading ---------------------------------------------------------------------------
+
+
+def test_save_load_identical_and_safetensors(tiny_tokenizer, mvam_processor, tmp_path):
+    model = tiny_model(tiny_tokenizer)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"] == "modeling_mvam.MVAMModel"
+    assert config["auto_map"]["AutoModelForZeroShotImageClassification"] == "modeling_mvam.MVAMModel"
+    loaded = MVAMModel.from_pretrained(tmp_path).eval()
+    batch = mvam_processor(text=["a red circle", "a blue square"], images=images(2))
+    torch.testing.assert_close(loaded(**batch).logits_per_image, model(**batch).logits_per_image, rtol=0, atol=1e-6)
+
+
+def test_auto_classes_in_fresh_process_without_hf_mvam(tiny_tokenizer, mvam_processor, tmp_path):
+    model = tiny_model(tiny_tokenizer, num_views=2)
+    model.save_pretrained(tmp_path / "model")
+    mvam_processor.save_pretrained(tmp_path / "model")
+    batch = mvam_processor(text=["a red circle", "a small green star"], images=images(2))
+    torch.save(dict(batch), tmp_path / "batch.pt")
+    torch.save(model(**batch).logits_per_image, tmp_path / "expected.pt")
+    out = run_fresh_python(
+        """
+        import torch
+        try:
+            import hf_mvam
+            raise SystemExit("hf_mvam should not be importable")
+        except ImportError:
+            pass
+        from transformers import AutoModel, AutoProcessor
+        model = AutoModel.from_pretrained("model", trust_remote_code=True).eval()
+        processor = AutoProcessor.from_pretrained("model", trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        batch = torch.load("batch.pt")
+        torch.testing.assert_close(model(**batch).logits_per_image, torch.load("expected.pt"), rtol=0, atol=1e-6)
+        from PIL import Image
+        import numpy as np
+        rng = np.random.default_rng(0)
+        pics = [Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)) for _ in range(2)]
+        again = processor(text=["a red circle", "a small green star"], images=pics)
+        assert torch.equal(again["input_ids"], batch["input_ids"]) and torch.equal(again["pixel_values"], batch["pixel_values"])
+        print(type(model).__name__, type(processor).__name__)
+        """,
+        cwd=tmp_path,
+    )
+    assert out.split() == ["MVAMModel", "MVAMProcessor"]
+
+
+def test_zero_shot_pipeline(tiny_tokenizer, mvam_processor, tmp_path):
+    from transformers import pipeline
+
+    model = tiny_model(tiny_tokenizer)
+    model.save_pretrained(tmp_path)
+    mvam_processor.save_pretrained(tmp_path)
+    classifier = pipeline("zero-shot-image-classification", model=str(tmp_path), trust_remote_code=True)
+    labels = ["red circle", "blue square", "green star"]
+    result = classifier(images(1)[0], candidate_labels=labels)
+    assert sorted(r["label"] for r in result) == sorted(labels)
+    assert sum(r["score"] for r in result) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_processor_round_trip_and_image_modes(mvam_processor, tmp_path):
+    from transformers import AutoProcessor
+
+    mvam_processor.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)
+    rgb = Image.new("RGB", (50, 40), (200, 30, 30))
+    path = tmp_path / "pic.png"
+    rgb.save(path)
+    inputs = [
+        rgb,
+        rgb.convert("L"),
+        rgb.convert("RGBA"),
+        rgb.convert("P"),
+        np.asarray(rgb),
+        np.asarray(rgb, dtype=np.float32) / 255,
+        str(path),
+        path.read_bytes(),
+    ]
+    batch = loaded(text=["a red circle"] * len(inputs), images=inputs)
+    assert batch["pixel_values"].shape == (len(inputs), 3, 32, 32)
+    reference = batch["pixel_values"][0]
+    for i in (2, 4, 5, 6, 7):  # lossless conversions give the same pixels
+        torch.testing.assert_close(batch["pixel_values"][i], reference, atol=1e-2, rtol=0)
+    gray = batch["pixel_values"][1]
+    assert torch.allclose(gray[0], gray[1]) and torch.allclose(gray[1], gray[2])  # grayscale -> 3 equal channels
+    assert torch.equal(batch["input_ids"], mvam_processor(text=["a red circle"] * len(inputs))["input_ids"])
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_clear_errors(tiny_tokenizer, mvam_processor):
+    model = tiny_model(tiny_tokenizer)
+    batch = mvam_processor(text=["a red circle", "a blue square", "a star"], images=images(2))
+    with pytest.raises(ValueError, match="paired inputs"):
+        model(**batch, return_loss=True)
+    with pytest.raises(ValueError, match="empty list"):
+        mvam_processor(text=[], images=images(1))
+    with pytest.raises(ValueError, match=r"text\[1\] is an empty caption"):
+        mvam_processor(text=["a red circle", "  "])
+    with pytest.raises(ValueError, match=r"\[batch, 3, height, width\]"):
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=torch.zeros(2, 32, 32))
+    with pytest.raises(ValueError, match="expects 32 x 32"):
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=torch.zeros(2, 3, 64, 64))
+    with pytest.raises(ValueError, match="NaN"):
+        model(input_ids=batch["input_ids"], pixel_values=torch.full((1, 3, 32, 32), float("nan")))
+    with pytest.raises(ValueError, match=r"cannot read image images\[0\]"):
+        mvam_processor(images=[b"\x89PNG\r\n\x1a\n this is not a png"])
+    truncated = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(truncated, format="PNG")
+    with pytest.raises(ValueError, match="cannot read image"):
+        mvam_processor(images=[truncated.getvalue()[:40]])
+    with pytest.raises(ValueError, match="empty"):
+        model(input_ids=batch["input_ids"][:1], attention_mask=torch.zeros_like(batch["input_ids"][:1]), pixel_values=batch["pixel_values"][:1])
+    with pytest.raises(ValueError, match="shape"):
+        mvam_processor(images=[np.zeros((4, 4, 5), dtype=np.uint8)])
+
+
+# --- other backbones ------------------------------------------------------------------------------
+
+
+def test_convolutional_and_clip_text_backbones(tiny_tokenizer):
+    resnet = {"model_type": "resnet", "embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1], "layer_type": "basic"}
+    clip_text = {
+        "model_type": "clip_text_model",
+        "vocab_size": len(tiny_tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 32,
+        "bos_token_id": 2,
+        "eos_token_id": 3,
+        "pad_token_id": 0,
+    }
+    model = MVAMModel(MVAMConfig(vision_config=resnet, text_config=clip_text, num_views=2, projection_dim=8)).eval()
+    out = model(input_ids=torch.tensor([[2, 5, 6, 3]]), pixel_values=torch.randn(1, 3, 64, 64), output_attentions=True)
+    assert out.image_view_attentions.shape == (1, 2, 64)  # 64 px / 8 -> 8 x 8 grid of conv features
+    assert model.encode_images(torch.randn(1, 3, 64, 64)).grid_size == (8, 8)
+
+
+def test_from_vision_text_pretrained_offline(tiny_tokenizer, tmp_path):
+    """The real loading code, pointed at tiny backbones saved to disk: a composite CLIP checkpoint
+    (its vision tower is taken) and a plain BERT."""
+    from transformers import BertConfig, BertModel, CLIPConfig, CLIPModel
+
+    clip = CLIPModel(
+        CLIPConfig(
+            vision_config=TINY_VISION,
+            text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 99},
+            projection_dim=16,
+        )
+    )
+    clip.save_pretrained(tmp_path / "clip")
+    bert = BertModel(BertConfig(**{k: v for k, v in tiny_text_config(tiny_tokenizer).items() if k != "model_type"}))
+    bert.save_pretrained(tmp_path / "bert")
+    model = MVAMModel.from_vision_text_pretrained(str(tmp_path / "clip"), str(tmp_path / "bert"), num_views=2)
+    assert model.config.num_views == 2 and model.config.vision_config.model_type == "clip_vision_model"
+    torch.testing.assert_close(
+        model.vision_model.embeddings.patch_embedding.weight,
+        clip.vision_model.embeddings.patch_embedding.weight,
+    )
+    torch.testing.assert_close(model.text_model.embeddings.word_embeddings.weight, bert.embeddings.word_embeddings.weight)
+    model.save_pretrained(tmp_path / "mvam")
+    reloaded = MVAMModel.from_pretrained(tmp_path / "mvam")
+    torch.testing.assert_close(reloaded.text_model.embeddings.word_embeddings.weight, bert.embeddings.word_embeddings.weight)

@@ -1,0 +1,103 @@
+"""Backbones as sub-configs: build any transformers vision or text model from a config dict and
+read its token states in one layout, ``[batch, tokens, hidden]``.
+
+Shared by MVAM and UARDA and copied into every saved model folder (remote code), so it imports
+only transformers and torch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, PretrainedConfig
+
+# Built-in from-scratch towers: small enough to learn the synthetic benchmark on a 2-core CPU.
+# A ViT (not a CNN) because relations ("the star left of the circle") need attention that can
+# bind what is where, and a bidirectional text encoder so that every word sees the whole caption.
+DEFAULT_VISION_CONFIG = {
+    "model_type": "clip_vision_model",
+    "image_size": 64,
+    "patch_size": 8,  # 8 x 8 grid of patches + CLS = 65 tokens
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+}
+DEFAULT_TEXT_CONFIG = {
+    "model_type": "bert",
+    "vocab_size": 1024,  # replaced by the tokenizer's size when a tokenizer is trained
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 64,
+    "pad_token_id": 0,
+}
+
+
+def resolve_backbone_config(config: PretrainedConfig | dict | None, default: dict, field: str) -> PretrainedConfig:
+    """Turn a sub-config given as a config object, a dict with ``model_type``, or ``None`` (the
+    built-in default) into a ``PretrainedConfig``; ``field`` names it in error messages."""
+    if config is None:
+        config = dict(default)
+    if isinstance(config, PretrainedConfig):
+        return config
+    if not isinstance(config, dict):
+        raise ValueError(f"{field} must be a PretrainedConfig or a dict, got {type(config).__name__}")
+    config = dict(config)
+    model_type = config.pop("model_type", None)
+    if model_type is None:
+        raise ValueError(f"{field} needs a 'model_type' (e.g. {default['model_type']!r})")
+    try:
+        return AutoConfig.for_model(model_type, **config)
+    except (ValueError, KeyError) as error:
+        reason = "not a transformers model type" if "Unrecognized model" in str(error) else str(error)
+        raise ValueError(f"{field}: invalid backbone model_type {model_type!r}: {reason}") from error
+
+
+def backbone_hidden_size(config: PretrainedConfig) -> int:
+    """Width of the token states a backbone returns (convolutional nets: the last stage's channels)."""
+    if getattr(config, "hidden_sizes", None):
+        return config.hidden_sizes[-1]
+    if getattr(config, "hidden_size", None):
+        return config.hidden_size
+    raise ValueError(f"cannot tell the hidden size of backbone type {config.model_type!r}")
+
+
+def build_backbone(config: PretrainedConfig) -> nn.Module:
+    """A randomly initialised backbone for ``config``, without a pooling head where the model has
+    one (only token states are used, and an unused head would never receive a gradient)."""
+    try:
+        return AutoModel.from_config(config, add_pooling_layer=False)
+    except TypeError:  # models without a pooling head do not take the argument
+        return AutoModel.from_config(config)
+
+
+def vision_token_states(backbone: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Run the vision backbone and return its token states and the grid they came from.
+
+    Returns:
+        states: ``[B, T, H]``: ViT-like models give patch tokens (+ CLS first); convolutional
+            models' ``[B, C, h, w]`` feature maps are flattened to ``[B, h*w, C]``.
+        grid: ``(h, w)`` of the spatial tokens (for attention maps).
+    """
+    states = backbone(pixel_values=pixel_values).last_hidden_state
+    # CLIP-style towers keep a final LayerNorm for their pooled token only; apply it to every
+    # token so that all states are on the scale the (pretrained) tower was trained to produce.
+    post_layernorm = getattr(getattr(backbone, "vision_model", backbone), "post_layernorm", None)
+    if post_layernorm is not None and states.dim() == 3:
+        states = post_layernorm(states)
+    if states.dim() == 4:  # convolutional feature map [B, C, h, w]
+        batch, channels, height, width = states.shape
+        states = states.flatten(2).transpose(1, 2)  # [B, h*w, C]
+        return states, (height, width)
+    side = int(round((states.shape[1] - 1) ** 0.5))  # ViT: CLS + side*side patches
+    if side * side == states.shape[1] - 1:
+        return states, (side, side)
+    side = int(round(states.shape[1] ** 0.5))
+    return states, (side, states.shape[1] // max(side, 1))
+
+
+def text_token_states(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Run the text backbone; returns ``[B, L, H]`` token states (padding positions included)."""
+    return backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

@@ -1,0 +1,74 @@
+"""MVAM model configuration."""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+from .backbones import DEFAULT_TEXT_CONFIG, DEFAULT_VISION_CONFIG, resolve_backbone_config
+
+
+class MVAMConfig(PretrainedConfig):
+    r"""Configuration of an [`MVAMModel`]: a two-stream (CLIP-like) dual encoder whose image and text
+    towers each end in ``num_views`` attention-pooling heads with learned view codes
+    (MVAM, arXiv 2402.17237).
+
+    Args:
+        vision_config (`dict` or `PretrainedConfig`, *optional*):
+            Any transformers vision backbone (CLIP vision tower, ViT, ResNet, ConvNeXt, ...), as a
+            config or a dict with ``model_type``. Defaults to a small from-scratch ViT (64 px).
+        text_config (`dict` or `PretrainedConfig`, *optional*):
+            Any transformers text encoder (CLIP text tower, BERT-like, ...). Defaults to a small
+            from-scratch 2-layer BERT.
+        num_views (`int`, defaults to 4):
+            K, the number of view codes per modality. ``num_views=1`` with ``diversity_weight=0`` is
+            a plain CLIP-style single-vector dual encoder (the baseline).
+        projection_dim (`int`, defaults to 128):
+            Width of each view vector; the matching embedding is ``num_views * projection_dim`` wide.
+        diversity_weight (`float`, defaults to 0.1):
+            Weight of the diversity objective (overlap between the views' attention distributions).
+        logit_scale_init_value (`float`, defaults to 2.6592):
+            Initial log of the contrastive temperature's inverse, as in CLIP (ln(1/0.07)).
+        initializer_range (`float`, defaults to 0.02):
+            Std of the normal initialisation of the view codes and projections.
+    """
+
+    model_type = "mvam"
+    sub_configs = {"vision_config": PretrainedConfig, "text_config": PretrainedConfig}
+
+    def __init__(
+        self,
+        vision_config=None,
+        text_config=None,
+        num_views: int = 4,
+        projection_dim: int = 128,
+        diversity_weight: float = 0.1,
+        logit_scale_init_value: float = 2.6592,
+        initializer_range: float = 0.02,
+        **kwargs,
+    ):
+        self.vision_config = resolve_backbone_config(vision_config, DEFAULT_VISION_CONFIG, "vision_config")
+        self.text_config = resolve_backbone_config(text_config, DEFAULT_TEXT_CONFIG, "text_config")
+        self.num_views = num_views
+        self.projection_dim = projection_dim
+        self.diversity_weight = diversity_weight
+        self.logit_scale_init_value = logit_scale_init_value
+        self.initializer_range = initializer_range
+        super().__init__(**kwargs)
+        self.validate_mvam()
+
+    def validate_mvam(self):
+        """Raise a ValueError that names the first invalid field."""
+        if not isinstance(self.num_views, int) or self.num_views < 1:
+            raise ValueError(f"num_views must be an integer >= 1, got {self.num_views!r}")
+        if not isinstance(self.projection_dim, int) or self.projection_dim < 1:
+            raise ValueError(f"projection_dim must be an integer >= 1, got {self.projection_dim!r}")
+        if not self.diversity_weight >= 0:  # also rejects NaN
+            raise ValueError(f"diversity_weight must be >= 0, got {self.diversity_weight!r}")
+        if not self.initializer_range > 0:
+            raise ValueError(f"initializer_range must be > 0, got {self.initializer_range!r}")
+
+    def to_dict(self):
+        output = super().to_dict()
+        output["vision_config"] = self.vision_config.to_dict()
+        output["text_config"] = self.text_config.to_dict()
+        return output

@@ -1,0 +1,94 @@
+"""Training objectives shared by MVAM and UARDA: the CLIP contrastive loss, the VSE++ hardest-negative
+triplet loss, the views' diversity term, and a differentiable gather for negatives from every process.
+
+Remote code (imported by the modeling files), so only torch is imported.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` [B, ...] from every process along dim 0 -> [world * B, ...], in rank
+    order, keeping the autograd graph: the backward pass sends each process the gradient of its
+    own slice summed over all processes (as open_clip's ``gather_with_grad``). A no-op outside
+    torch.distributed or with one process. Every process must pass the same shape."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    from torch.distributed._functional_collectives import all_gather_tensor_autograd
+
+    return all_gather_tensor_autograd(tensor.contiguous(), gather_dim=0, group=dist.group.WORLD)
+
+
+def _rank_offset(local_batch: int) -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() * local_batch
+    return 0
+
+
+def contrastive_loss(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, gather_distributed: bool = False
+) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP) where image ``i`` matches text ``i``.
+
+    Args:
+        image_embeds: [B, E] unit-norm image embeddings (local batch).
+        text_embeds: [B, E] unit-norm text embeddings.
+        logit_scale: scalar, log of the inverse temperature.
+        gather_distributed: use the other processes' embeddings as extra negatives (with gradient).
+            Each process scores its own rows against the global batch (open_clip's ``local_loss``);
+            the mean over processes equals the single-process loss on the global batch, and so do
+            the gradients after DDP averages them.
+    """
+    scale = logit_scale.exp()
+    all_images = gather_with_grad(image_embeds) if gather_distributed else image_embeds  # [W*B, E]
+    all_texts = gather_with_grad(text_embeds) if gather_distributed else text_embeds  # [W*B, E]
+    labels = torch.arange(image_embeds.shape[0], device=image_embeds.device)
+    if gather_distributed:
+        labels = labels + _rank_offset(image_embeds.shape[0])
+    logits_per_image = scale * image_embeds @ all_texts.t()  # [B, W*B]
+    logits_per_text = scale * text_embeds @ all_images.t()  # [B, W*B]
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def hardest_negative_triplet_loss(scores: torch.Tensor, margin: float) -> torch.Tensor:
+    """VSE++ hinge triplet loss with the hardest in-batch negative in both directions.
+
+    Args:
+        scores: [B, B] image-by-text scores where image ``i`` matches text ``i``.
+        margin: the hinge margin (0.2 in SCAN/VSE++).
+    Returns: mean over the batch of the two hinge terms.
+    """
+    positives = scores.diag()  # [B]
+    eye = torch.eye(scores.shape[0], dtype=torch.bool, device=scores.device)
+    negatives = scores.masked_fill(eye, float("-inf"))
+    hardest_text = negatives.max(dim=1).values  # [B] per image: its hardest negative caption
+    hardest_image = negatives.max(dim=0).values  # [B] per caption: its hardest negative image
+    cost = F.relu(margin + hardest_text - positives) + F.relu(margin + hardest_image - positives)
+    return cost.mean()
+
+
+def attention_overlap(attention: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared cosine similarity between the views' attention distributions, per example.
+
+    This is CAMERA's ||ÂᵀÂ - I||²_F restricted to off-diagonal entries and divided by K(K-1),
+    where Â is the token-by-view attention with unit-norm columns: 0 when the views attend to
+    disjoint tokens, 1 when they attend identically (whatever the distribution).
+
+    Args:
+        attention: [B, K, T] attention of each of K views over T tokens (rows sum to 1).
+        token_mask: optional [B, T], 1 for real tokens (padding carries no attention anyway).
+    Returns: [B]; zeros when K == 1.
+    """
+    batch, num_views, _ = attention.shape
+    if num_views == 1:
+        return attention.new_zeros(batch)
+    if token_mask is not None:
+        attention = attention * token_mask[:, None, :].to(attention.dtype)
+    unit = F.normalize(attention, dim=-1)  # [B, K, T]
+    cosine = unit @ unit.transpose(1, 2)  # [B, K, K]
+    off_diagonal = ~torch.eye(num_views, dtype=torch.bool, device=attention.device)
+    return cosine[:, off_diagonal].pow(2).mean(dim=-1)  # [B]

@@ -1,0 +1,332 @@
+"""MVAM: Multi-View Attention Method for fine-grained image-text matching (arXiv 2402.17237).
+
+A two-stream dual encoder: images and captions are encoded independently (retrieval stays a dot
+product over precomputed vectors). Each tower's token states are pooled by K attention heads, each
+with its own learned view code, into K unit-norm views; the views are concatenated (scaled by
+1/sqrt(K), so the similarity of two embeddings is the mean of the per-view cosines). A diversity
+objective keeps the views' attention distributions apart.
+
+Read top to bottom: building block (view pooling) -> pretrained base -> model -> output.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import ModelOutput
+
+from .backbones import backbone_hidden_size, build_backbone, text_token_states, vision_token_states
+from .configuration_mvam import MVAMConfig
+from .losses import attention_overlap, contrastive_loss
+
+
+class MultiViewAttentionPooling(nn.Module):
+    """K attention heads, one per view: view code k is a learned query that attends over the token
+    states; the pooled vector is projected (one projection per view) and L2-normalised.
+
+    Args:
+        hidden_size: width H of the backbone's token states.
+        num_views: K.
+        projection_dim: width P of each view vector.
+    """
+
+    def __init__(self, hidden_size: int, num_views: int, projection_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size)
+        self.view_codes = nn.Parameter(torch.empty(num_views, hidden_size))  # [K, H]
+        self.key = nn.Linear(hidden_size, hidden_size)
+        self.value = nn.Linear(hidden_size, hidden_size)
+        self.view_projection = nn.Parameter(torch.empty(num_views, hidden_size, projection_dim))  # [K, H, P]
+        self.view_projection_bias = nn.Parameter(torch.zeros(num_views, projection_dim))  # [K, P]
+        self.reset_view_parameters()
+
+    @torch.no_grad()
+    def reset_view_parameters(self):
+        """Distinct random view codes (so the views start apart) and per-view projections."""
+        nn.init.normal_(self.view_codes, std=1.0)
+        nn.init.normal_(self.view_projection, std=self.view_projection.shape[1] ** -0.5)
+        nn.init.zeros_(self.view_projection_bias)
+
+    def forward(self, token_states: torch.Tensor, token_mask: Optional[torch.Tensor] = None):
+        """
+        Args:
+            token_states: [B, T, H].
+            token_mask: [B, T], 1 for real tokens, 0 for padding (never attended).
+        Returns:
+            views: [B, K, P], unit norm per view.
+            attention: [B, K, T], each view's attention over the tokens (rows sum to 1).
+        """
+        states = self.norm(token_states)
+        keys = self.key(states)  # [B, T, H]
+        logits = torch.einsum("kh,bth->bkt", self.view_codes, keys) / math.sqrt(keys.shape[-1])  # [B, K, T]
+        if token_mask is not None:
+            logits = logits.masked_fill(~token_mask[:, None, :].bool(), torch.finfo(logits.dtype).min)
+        attention = logits.softmax(dim=-1)  # [B, K, T]
+        pooled = attention @ self.value(states)  # [B, K, H]
+        views = torch.einsum("bkh,khp->bkp", pooled, self.view_projection) + self.view_projection_bias  # [B, K, P]
+        return F.normalize(views, dim=-1), attention
+
+
+def concatenate_views(views: torch.Tensor) -> torch.Tensor:
+    """[B, K, P] unit views -> [B, K*P] unit embedding whose dot products are mean per-view cosines."""
+    batch, num_views, dim = views.shape
+    return views.reshape(batch, num_views * dim) / math.sqrt(num_views)  # [B, K*P]
+
+
+class MVAMPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and loading glue shared by MVAM models."""
+
+    config_class = MVAMConfig
+    base_model_prefix = "mvam"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = False
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        from transformers import initialization as init
+
+        if isinstance(module, MultiViewAttentionPooling):
+            init.normal_(module.view_codes, std=1.0)  # as reset_view_parameters; skips loaded tensors
+            init.normal_(module.view_projection, std=module.view_projection.shape[1] ** -0.5)
+            init.zeros_(module.view_projection_bias)
+        elif isinstance(module, MVAMModel):
+            init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+
+
+@dataclass
+class MVAMOutput(ModelOutput):
+    """Output of [`MVAMModel`].
+
+    Args:
+        loss: total training loss (contrastive + diversity_weight * diversity), when ``return_loss``.
+        contrastive_loss: the symmetric InfoNCE part.
+        diversity_loss: mean view overlap of both modalities (0 for one view).
+        logits_per_image: [N_images, N_texts] scaled similarities.
+        logits_per_text: [N_texts, N_images], the transpose.
+        image_embeds: [N_images, K*P] concatenated unit-norm embedding used for retrieval.
+        text_embeds: [N_texts, K*P].
+        image_view_embeds: [N_images, K, P] per-view unit vectors.
+        text_view_embeds: [N_texts, K, P].
+        image_view_attentions: [N_images, K, T_img] each view's attention over image tokens
+            (with ``output_attentions``).
+        text_view_attentions: [N_texts, K, L] each view's attention over words.
+    """
+
+    loss: Optional[torch.FloatTensor] = None
+    contrastive_loss: Optional[torch.FloatTensor] = None
+    diversity_loss: Optional[torch.FloatTensor] = None
+    logits_per_image: Optional[torch.FloatTensor] = None
+    logits_per_text: Optional[torch.FloatTensor] = None
+    image_embeds: Optional[torch.FloatTensor] = None
+    text_embeds: Optional[torch.FloatTensor] = None
+    image_view_embeds: Optional[torch.FloatTensor] = None
+    text_view_embeds: Optional[torch.FloatTensor] = None
+    image_view_attentions: Optional[torch.FloatTensor] = None
+    text_view_attentions: Optional[torch.FloatTensor] = None
+
+
+@dataclass
+class MVAMEncoderOutput(ModelOutput):
+    """One tower's encoding: ``pooler_output`` is the concatenated embedding (as transformers 5.x
+    ``CLIPModel.get_*_features`` return it), plus the per-view vectors and attention."""
+
+    pooler_output: Optional[torch.FloatTensor] = None
+    view_embeds: Optional[torch.FloatTensor] = None
+    view_attentions: Optional[torch.FloatTensor] = None
+    last_hidden_state: Optional[torch.FloatTensor] = None
+    grid_size: Optional[tuple] = None
+
+
+class MVAMModel(MVAMPreTrainedModel):
+    """The MVAM dual encoder. See [`MVAMConfig`] for the options.
+
+    Example:
+        >>> model = MVAMModel(MVAMConfig(num_views=4))
+        >>> out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, return_loss=True)
+        >>> out.loss.backward()
+    """
+
+    def __init__(self, config: MVAMConfig):
+        super().__init__(config)
+        self.vision_model = build_backbone(config.vision_config)
+        self.text_model = build_backbone(config.text_config)
+        self.image_views = MultiViewAttentionPooling(
+            backbone_hidden_size(config.vision_config), config.num_views, config.projection_dim
+        )
+        self.text_views = MultiViewAttentionPooling(
+            backbone_hidden_size(config.text_config), config.num_views, config.projection_dim
+        )
+        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        self.post_init()
+
+    # --- encoding -------------------------------------------------------------------------------
+
+    def encode_images(self, pixel_values: torch.Tensor) -> MVAMEncoderOutput:
+        """pixel_values [N, 3, S, S] -> embedding [N, K*P], views [N, K, P], attention [N, K, T]."""
+        self._check_pixel_values(pixel_values)
+        states, grid = vision_token_states(self.vision_model, pixel_values)  # [N, T, H]
+        views, attention = self.image_views(states)
+        return MVAMEncoderOutput(
+            pooler_output=concatenate_views(views),
+            view_embeds=views,
+            view_attentions=attention,
+            last_hidden_state=states,
+            grid_size=grid,
+        )
+
+    def encode_texts(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> MVAMEncoderOutput:
+        """input_ids [N, L] (+ mask) -> embedding [N, K*P], views [N, K, P], attention [N, K, L]."""
+        if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be a non-empty [batch, length] tensor, got shape {tuple(input_ids.shape)}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids shape {tuple(input_ids.shape)}"
+            )
+        empty = (attention_mask.sum(dim=1) == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"captions at batch positions {empty} are empty (attention_mask is all zeros)")
+        states = text_token_states(self.text_model, input_ids, attention_mask)  # [N, L, H]
+        views, attention = self.text_views(states, attention_mask)
+        return MVAMEncoderOutput(
+            pooler_output=concatenate_views(views), view_embeds=views, view_attentions=attention, last_hidden_state=states
+        )
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """As transformers 5.x ``CLIPModel.get_image_features``: ``pooler_output`` is the [N, K*P]
+        retrieval embedding."""
+        encoded = self.encode_images(pixel_values)
+        return BaseModelOutputWithPooling(last_hidden_state=encoded.last_hidden_state, pooler_output=encoded.pooler_output)
+
+    def get_text_features(
+        self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs
+    ) -> BaseModelOutputWithPooling:
+        """As transformers 5.x ``CLIPModel.get_text_features``: ``pooler_output`` is [N, K*P]."""
+        encoded = self.encode_texts(input_ids, attention_mask)
+        return BaseModelOutputWithPooling(last_hidden_state=encoded.last_hidden_state, pooler_output=encoded.pooler_output)
+
+    # --- matching -------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        pixel_values: Optional[torch.FloatTensor] = None,
+        return_loss: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ):
+        """Encode both modalities and score every image against every text.
+
+        Args:
+            input_ids: [N_texts, L] token ids; attention_mask: [N_texts, L] (1 = real token).
+            pixel_values: [N_images, 3, S, S].
+            return_loss: compute the training loss; needs paired inputs (image i matches text i),
+                so N_images must equal N_texts.
+            output_attentions: also return each view's attention maps.
+        """
+        if input_ids is None or pixel_values is None:
+            raise ValueError("MVAMModel.forward needs both input_ids and pixel_values")
+        if return_loss and input_ids.shape[0] != pixel_values.shape[0]:
+            raise ValueError(
+                f"return_loss=True needs paired inputs (image i with caption i), got {pixel_values.shape[0]} "
+                f"images and {input_ids.shape[0]} captions"
+            )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        images = self.encode_images(pixel_values)
+        texts = self.encode_texts(input_ids, attention_mask)
+
+        logits_per_image = self.logit_scale.exp() * images.pooler_output @ texts.pooler_output.t()  # [N_i, N_t]
+        loss = contrastive = diversity = None
+        if return_loss:
+            contrastive = contrastive_loss(images.pooler_output, texts.pooler_output, self.logit_scale)
+            diversity = self.diversity_loss(images.view_attentions, texts.view_attentions, attention_mask)
+            loss = contrastive + self.config.diversity_weight * diversity
+
+        output = MVAMOutput(
+            loss=loss,
+            contrastive_loss=contrastive,
+            diversity_loss=diversity,
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_image.t(),
+            image_embeds=images.pooler_output,
+            text_embeds=texts.pooler_output,
+            image_view_embeds=images.view_embeds,
+            text_view_embeds=texts.view_embeds,
+            image_view_attentions=images.view_attentions if output_attentions else None,
+            text_view_attentions=texts.view_attentions if output_attentions else None,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def diversity_loss(
+        self, image_attention: torch.Tensor, text_attention: torch.Tensor, text_mask: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """Mean view overlap of the image views and of the text views (both modalities, equal weight)."""
+        return (attention_overlap(image_attention).mean() + attention_overlap(text_attention, text_mask).mean()) / 2
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor):
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+            raise ValueError(f"pixel_values must be a [batch, 3, height, width] tensor, got {shape}")
+        if pixel_values.shape[0] == 0:
+            raise ValueError("pixel_values is an empty batch")
+        size = getattr(self.config.vision_config, "image_size", None)
+        if size is not None and tuple(pixel_values.shape[-2:]) != (size, size):
+            raise ValueError(
+                f"pixel_values are {tuple(pixel_values.shape[-2:])} but the vision backbone expects {size} x {size}; "
+                "use the model's processor to resize"
+            )
+        if not torch.isfinite(pixel_values).all():
+            raise ValueError("pixel_values contain NaN or infinite values")
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As ``PreTrainedModel.save_pretrained``; a registered model also maps
+        ``AutoModelForZeroShotImageClassification`` to this class, which the zero-shot pipeline needs."""
+        if self._auto_class is not None:
+            self.config.auto_map = {
+                **(getattr(self.config, "auto_map", None) or {}),
+                "AutoModelForZeroShotImageClassification": f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}",
+            }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    # --- building on pretrained backbones -------------------------------------------------------
+
+    @classmethod
+    def from_vision_text_pretrained(
+        cls, vision_model_name_or_path: str, text_model_name_or_path: str, **config_kwargs
+    ) -> "MVAMModel":
+        """Build MVAM on pretrained backbones (Hub ids or local folders), e.g.
+        ``MVAMModel.from_vision_text_pretrained("openai/clip-vit-base-patch32", "openai/clip-vit-base-patch32")``.
+        For a composite checkpoint (CLIP, SigLIP) the vision or text tower is taken out of it. The
+        view heads and logit scale are freshly initialised; ``config_kwargs`` go to [`MVAMConfig`]."""
+        vision_model = _load_tower(vision_model_name_or_path, "vision_config")
+        text_model = _load_tower(text_model_name_or_path, "text_config")
+        config = MVAMConfig(vision_config=vision_model.config, text_config=text_model.config, **config_kwargs)
+        model = cls(config)
+        for tower, pretrained in ((model.vision_model, vision_model), (model.text_model, text_model)):
+            # strict=False only for the pretrained pooling heads we drop; a missing weight is an error.
+            missing = tower.load_state_dict(pretrained.state_dict(), strict=False).missing_keys
+            if missing:
+                raise ValueError(f"pretrained {type(pretrained).__name__} lacks weights for {missing[:5]}")
+        return model
+
+
+def _load_tower(name_or_path: str, sub_config: str) -> PreTrainedModel:
+    """Load a backbone; from a composite model config (e.g. CLIPConfig) take its ``sub_config`` tower."""
+    config = AutoConfig.from_pretrained(name_or_path)
+    if hasattr(config, sub_config):
+        config = getattr(config, sub_config)
+    return AutoModel.from_pretrained(name_or_path, config=config)
+
+
+__all__ = ["MVAMModel", "MVAMPreTrainedModel", "MultiViewAttentionPooling", "MVAMOutput"]

@@ -1,0 +1,67 @@
+"""The processor both models share: an image processor plus a tokenizer, with the input checks that
+keep bad input from crashing deep inside torch.
+
+Remote code (the model processors subclass it), so it imports only third-party packages and
+siblings of its folder.
+"""
+
+from __future__ import annotations
+
+from transformers import BatchFeature, ProcessorMixin
+
+from .image_loading import load_image
+
+
+class ImageTextProcessor(ProcessorMixin):
+    """Image processor + tokenizer, called like CLIP's processor:
+    ``processor(text=[...], images=[...], return_tensors="pt", padding=True)``.
+
+    Images may be PIL images in any mode (converted to RGB), numpy arrays (H x W or H x W x C),
+    file paths, or encoded bytes; an unreadable one raises a ValueError naming it. Text is a string
+    or a list of non-empty strings.
+
+    Args:
+        image_processor: e.g. ``CLIPImageProcessorPil`` (resize, crop, normalise).
+        tokenizer: any fast tokenizer, e.g. one trained with `hf_mvam.tokenization`.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, **kwargs):
+        super().__init__(image_processor, tokenizer, **kwargs)
+
+    def __call__(self, text=None, images=None, return_tensors="pt", padding=True, truncation=True, **kwargs):
+        if text is None and images is None:
+            raise ValueError("pass text=..., images=... or both")
+        encoding = {}
+        if text is not None:
+            encoding.update(
+                self.tokenizer(
+                    self._check_text(text), return_tensors=return_tensors, padding=padding, truncation=truncation, **kwargs
+                )
+            )
+        if images is not None:
+            pil_images = [load_image(image, name=f"images[{i}]") for i, image in enumerate(self._as_list(images))]
+            if not pil_images:
+                raise ValueError("images is an empty list")
+            encoding.update(self.image_processor(pil_images, return_tensors=return_tensors))
+        return BatchFeature(encoding, tensor_type=return_tensors)
+
+    @staticmethod
+    def _as_list(items):
+        return list(items) if isinstance(items, (list, tuple)) else [items]
+
+    def _check_text(self, text):
+        texts = self._as_list(text)
+        if not texts:
+            raise ValueError("text is an empty list")
+        for i, caption in enumerate(texts):
+            if not isinstance(caption, str):
+                raise ValueError(f"text[{i}] must be a string, got {type(caption).__name__}")
+            if not caption.strip():
+                raise ValueError(f"text[{i}] is an empty caption")
+        return texts
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)

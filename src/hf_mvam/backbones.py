@@ -101,3 +101,39 @@ def vision_token_states(backbone: nn.Module, pixel_values: torch.Tensor) -> tupl
 def text_token_states(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Run the text backbone; returns ``[B, L, H]`` token states (padding positions included)."""
     return backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def check_pixel_values(pixel_values, vision_config: PretrainedConfig) -> None:
+    """Raise a ValueError naming the problem unless ``pixel_values`` is a finite, non-empty
+    [B, 3, S, S] tensor at the resolution the backbone was configured for (when it fixes one)."""
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+        shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+        raise ValueError(f"pixel_values must be a [batch, 3, height, width] tensor, got {shape}")
+    if pixel_values.shape[0] == 0:
+        raise ValueError("pixel_values is an empty batch")
+    size = getattr(vision_config, "image_size", None)
+    if size is not None and tuple(pixel_values.shape[-2:]) != (size, size):
+        raise ValueError(
+            f"pixel_values are {tuple(pixel_values.shape[-2:])} but the vision backbone expects {size} x {size}; "
+            "use the model's processor to resize"
+        )
+    if not torch.isfinite(pixel_values).all():
+        raise ValueError("pixel_values contain NaN or infinite values")
+
+
+def check_text_inputs(input_ids, attention_mask) -> torch.Tensor:
+    """Validate [B, L] ``input_ids`` and their mask (all ones when ``None``); returns the mask.
+    An all-padding caption is an error: it has no word to match."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a non-empty [batch, length] tensor, got {shape}")
+    if attention_mask is None:
+        return torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids shape {tuple(input_ids.shape)}"
+        )
+    empty = (attention_mask.sum(dim=1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"captions at batch positions {empty} are empty (attention_mask is all zeros)")
+    return attention_mask

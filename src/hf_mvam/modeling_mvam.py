@@ -22,7 +22,14 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
-from .backbones import backbone_hidden_size, build_backbone, text_token_states, vision_token_states
+from .backbones import (
+    backbone_hidden_size,
+    build_backbone,
+    check_pixel_values,
+    check_text_inputs,
+    text_token_states,
+    vision_token_states,
+)
 from .configuration_mvam import MVAMConfig
 from .losses import attention_overlap, contrastive_loss
 
@@ -171,7 +178,7 @@ class MVAMModel(MVAMPreTrainedModel):
 
     def encode_images(self, pixel_values: torch.Tensor) -> MVAMEncoderOutput:
         """pixel_values [N, 3, S, S] -> embedding [N, K*P], views [N, K, P], attention [N, K, T]."""
-        self._check_pixel_values(pixel_values)
+        check_pixel_values(pixel_values, self.config.vision_config)
         states, grid = vision_token_states(self.vision_model, pixel_values)  # [N, T, H]
         views, attention = self.image_views(states)
         return MVAMEncoderOutput(
@@ -184,17 +191,7 @@ class MVAMModel(MVAMPreTrainedModel):
 
     def encode_texts(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> MVAMEncoderOutput:
         """input_ids [N, L] (+ mask) -> embedding [N, K*P], views [N, K, P], attention [N, K, L]."""
-        if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be a non-empty [batch, length] tensor, got shape {tuple(input_ids.shape)}")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids shape {tuple(input_ids.shape)}"
-            )
-        empty = (attention_mask.sum(dim=1) == 0).nonzero().flatten().tolist()
-        if empty:
-            raise ValueError(f"captions at batch positions {empty} are empty (attention_mask is all zeros)")
+        attention_mask = check_text_inputs(input_ids, attention_mask)
         states = text_token_states(self.text_model, input_ids, attention_mask)  # [N, L, H]
         views, attention = self.text_views(states, attention_mask)
         return MVAMEncoderOutput(
@@ -273,21 +270,6 @@ class MVAMModel(MVAMPreTrainedModel):
     ) -> torch.Tensor:
         """Mean view overlap of the image views and of the text views (both modalities, equal weight)."""
         return (attention_overlap(image_attention).mean() + attention_overlap(text_attention, text_mask).mean()) / 2
-
-    def _check_pixel_values(self, pixel_values: torch.Tensor):
-        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
-            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
-            raise ValueError(f"pixel_values must be a [batch, 3, height, width] tensor, got {shape}")
-        if pixel_values.shape[0] == 0:
-            raise ValueError("pixel_values is an empty batch")
-        size = getattr(self.config.vision_config, "image_size", None)
-        if size is not None and tuple(pixel_values.shape[-2:]) != (size, size):
-            raise ValueError(
-                f"pixel_values are {tuple(pixel_values.shape[-2:])} but the vision backbone expects {size} x {size}; "
-                "use the model's processor to resize"
-            )
-        if not torch.isfinite(pixel_values).all():
-            raise ValueError("pixel_values contain NaN or infinite values")
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """As ``PreTrainedModel.save_pretrained``; a registered model also maps

@@ -1,0 +1,437 @@
+"""Tests for hf_mvam.data.sources: every kind of source, bad data, and the error messages."""
+
+import io
+import json
+import os
+
+import datasets
+import numpy as np
+import pytest
+from PIL import Image
+
+from hf_mvam.data.sources import load_image_caption_dataset
+
+
+@pytest.fixture(autouse=True)
+def datasets_cache_in_tmp(tmp_path, monkeypatch):
+    """Keep datasets' cache (imagefolder, from_generator) out of the home folder."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+
+
+def png(path, colour=(200, 30, 30), mode="RGB"):
+    """Write a small PNG and return its path as a string."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new(mode, (12, 10), colour if mode == "RGB" else 128).save(path)
+    return str(path)
+
+
+def png_bytes(colour):
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def garbage(path):
+    with open(path, "wb") as file:
+        file.write(b"this is not an image")
+    return str(path)
+
+
+def assert_common_format(splits: datasets.DatasetDict):
+    for dataset in splits.values():
+        assert dataset.column_names == ["image", "captions"]
+        assert dataset.features["image"] == datasets.Image()
+        assert dataset.features["captions"] == datasets.List(datasets.Value("string"))
+        for example in dataset:
+            assert example["image"].convert("RGB").size[0] > 0
+            assert example["captions"] and all(c == c.strip() and c for c in example["captions"])
+
+
+# --- 1. save_to_disk -------------------------------------------------------------------------
+
+
+def test_save_to_disk_dict_with_split_column_and_list_captions(tmp_path):
+    rows = {
+        "image": [
+            {"bytes": png_bytes((255, 0, 0)), "path": None},
+            {"bytes": png_bytes((0, 255, 0)), "path": None},
+            {"bytes": b"garbage bytes", "path": "broken.jpg"},
+            {"bytes": png_bytes((0, 0, 255)), "path": None},
+            {"bytes": png_bytes((9, 9, 9)), "path": None},
+            {"bytes": png_bytes((50, 50, 50)), "path": None},
+        ],
+        "caption": [
+            ["a red square", " a red thing "],
+            ["green", "", "   "],
+            ["broken"],
+            ["blue"],
+            ["restval image"],
+            ["", " "],
+        ],
+        "split": ["train", "val", "test", "test", "restval", "train"],
+        "img_id": ["0", "1", "2", "3", "4", "5"],
+    }
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "caption": datasets.List(datasets.Value("string")),
+            "split": datasets.Value("string"),
+            "img_id": datasets.Value("string"),
+        }
+    )
+    folder = tmp_path / "saved"
+    saved = datasets.DatasetDict({"test": datasets.Dataset.from_dict(rows, features=features)})
+    saved.save_to_disk(str(folder))
+
+    splits, stats = load_image_caption_dataset(str(folder))
+
+    assert list(splits) == ["train", "validation", "test"]
+    assert_common_format(splits)
+    assert [ex["captions"] for ex in splits["train"]] == [
+        ["a red square", "a red thing"],
+        ["restval image"],
+    ]
+    assert splits["validation"]["captions"] == [["green"]]
+    assert splits["test"]["captions"] == [["blue"]]
+    assert splits["test"][0]["image"].getpixel((0, 0)) == (0, 0, 255)
+    assert stats["source"] == "load_from_disk"
+    assert stats["skipped_captions"] == 2 + 2
+    reasons = {(split, name): reason for split, name, reason in stats["skipped_images"]}
+    assert set(reasons) == {("test", "broken.jpg"), ("train", "train[2]")}
+    assert "cannot read image broken.jpg" in reasons[("test", "broken.jpg")]
+    assert "no caption" in reasons[("train", "train[2]")]
+    assert stats["num_images"] == {"train": 2, "validation": 1, "test": 1}
+    assert stats["num_captions"] == {"train": 3, "validation": 1, "test": 1}
+    # A second load reuses datasets' cached map results and reports the same.
+    assert load_image_caption_dataset(str(folder))[1] == stats
+
+
+def test_save_to_disk_single_dataset_becomes_train(tmp_path):
+    dataset = datasets.Dataset.from_dict(
+        {"picture": [Image.new("L", (5, 5), 100)], "text": ["a grey square"]},
+        features=datasets.Features({"picture": datasets.Image(), "text": datasets.Value("string")}),
+    )
+    dataset.save_to_disk(str(tmp_path / "one"))
+    splits, stats = load_image_caption_dataset(str(tmp_path / "one"))
+    assert list(splits) == ["train"]
+    assert_common_format(splits)
+    assert splits["train"][0]["captions"] == ["a grey square"]
+    assert stats["skipped_images"] == []
+
+
+# --- 2. imagefolder --------------------------------------------------------------------------
+
+
+def test_imagefolder_jsonl_with_bad_images_and_split_folders(tmp_path):
+    root = tmp_path / "folder"
+    png(root / "train" / "a.png")
+    png(root / "train" / "grey.png", mode="L")
+    garbage(root / "train" / "corrupt.png")
+    png(root / "val" / "c.png", colour=(0, 0, 0))
+    train_rows = [
+        {"file_name": "a.png", "captions": ["first caption", "second caption"]},
+        {"file_name": "grey.png", "captions": ["a grey image", ""]},
+        {"file_name": "corrupt.png", "captions": ["never read"]},
+        {"file_name": "missing.png", "captions": ["no file"]},
+    ]
+    (root / "train" / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in train_rows))
+    (root / "val" / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "c.png", "captions": ["black"]})
+    )
+
+    splits, stats = load_image_caption_dataset(str(root))
+
+    assert list(splits) == ["train", "validation"]
+    assert_common_format(splits)
+    assert splits["train"]["captions"] == [["first caption", "second caption"], ["a grey image"]]
+    assert splits["train"][1]["image"].convert("RGB").mode == "RGB"
+    assert splits["validation"]["captions"] == [["black"]]
+    assert stats["source"] == "imagefolder"
+    assert stats["skipped_captions"] == 1
+    skipped = {os.path.basename(name): reason for _, name, reason in stats["skipped_images"]}
+    assert set(skipped) == {"corrupt.png", "missing.png"}
+    assert "cannot read image" in skipped["corrupt.png"]
+    assert "not found" in skipped["missing.png"]
+    assert all(split == "train" for split, _, _ in stats["skipped_images"])
+    assert all(os.path.isabs(name) for _, name, _ in stats["skipped_images"])
+
+
+def test_imagefolder_csv_repeated_rows_become_one_image(tmp_path):
+    root = tmp_path / "csv"
+    png(root / "dog.png", colour=(10, 20, 30))
+    png(root / "cat.png", colour=(40, 50, 60))
+    (root / "metadata.csv").write_text(
+        "file_name,caption\n"
+        "dog.png,a dog on grass\n"
+        "cat.png,a cat\n"
+        "dog.png,  a brown dog \n"
+        'dog.png,""\n'
+        'cat.png," "\n'
+    )
+    splits, stats = load_image_caption_dataset(str(root))
+    assert list(splits) == ["train"]
+    assert_common_format(splits)
+    train = splits["train"]
+    assert train["captions"] == [["a dog on grass", "a brown dog"], ["a cat"]]
+    assert train[0]["image"].getpixel((0, 0)) == (10, 20, 30)
+    assert stats["skipped_captions"] == 2
+    assert stats["skipped_images"] == []
+
+
+# --- 3. Karpathy JSON ------------------------------------------------------------------------
+
+
+def write_karpathy(tmp_path):
+    images = tmp_path / "images"
+    png(images / "train2014" / "t1.jpg")
+    png(images / "train2014" / "t2.jpg")
+    png(images / "val2014" / "v1.jpg")
+    png(images / "val2014" / "r1.jpg")
+    png(images / "val2014" / "nocap.jpg")
+    garbage(images / "val2014" / "x1.jpg")
+
+    def entry(name, folder, split, *raws):
+        return {
+            "filepath": folder,
+            "filename": name,
+            "split": split,
+            "sentences": [{"raw": raw, "tokens": raw.split()} for raw in raws],
+        }
+
+    content = {
+        "dataset": "coco",
+        "images": [
+            entry("t1.jpg", "train2014", "train", "A man riding a horse.", "A horse. "),
+            entry("t2.jpg", "train2014", "train", "Two dogs."),
+            entry("r1.jpg", "val2014", "restval", "restval one"),
+            entry("v1.jpg", "val2014", "val", "a val caption"),
+            entry("x1.jpg", "val2014", "test", "corrupt image"),
+            entry("gone.jpg", "val2014", "test", "missing image"),
+            entry("nocap.jpg", "val2014", "test", "   "),
+            {"split": "test", "sentences": [{"raw": "no file name"}]},
+        ],
+    }
+    json_path = tmp_path / "dataset_coco.json"
+    json_path.write_text(json.dumps(content))
+    return str(json_path), str(images)
+
+
+def test_karpathy_json(tmp_path):
+    json_path, image_root = write_karpathy(tmp_path)
+    splits, stats = load_image_caption_dataset(json_path, image_root=image_root)
+    assert list(splits) == ["train", "validation", "test"]
+    assert_common_format({k: v for k, v in splits.items() if len(v)})
+    assert splits["train"]["captions"] == [
+        ["A man riding a horse.", "A horse."],
+        ["Two dogs."],
+        ["restval one"],
+    ]
+    assert splits["validation"]["captions"] == [["a val caption"]]
+    assert len(splits["test"]) == 0
+    assert stats["source"] == "karpathy_json"
+    assert stats["skipped_captions"] == 1
+    skipped = {
+        (split, os.path.basename(name)): reason for split, name, reason in stats["skipped_images"]
+    }
+    assert set(skipped) == {
+        ("test", "images[7]"),
+        ("test", "x1.jpg"),
+        ("test", "gone.jpg"),
+        ("test", "nocap.jpg"),
+    }
+    assert "no filename" in skipped[("test", "images[7]")]
+    assert "not found" in skipped[("test", "gone.jpg")]
+    names = [name for _, name, _ in stats["skipped_images"]]
+    assert os.path.join(image_root, "val2014", "gone.jpg") in names
+
+
+def test_karpathy_json_errors(tmp_path):
+    json_path, _ = write_karpathy(tmp_path)
+    with pytest.raises(ValueError, match="pass image_root="):
+        load_image_caption_dataset(json_path)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_image_caption_dataset(json_path, image_root=str(tmp_path / "nowhere"))
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"annotations": []}))
+    with pytest.raises(ValueError, match="needs a top-level 'images' list"):
+        load_image_caption_dataset(str(other), image_root=str(tmp_path))
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_image_caption_dataset(str(broken), image_root=str(tmp_path))
+
+
+# --- 4. SCAN precomputed features ------------------------------------------------------------
+
+
+def test_scan_precomputed_layout(tmp_path):
+    root = tmp_path / "f30k_precomp"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    train = rng.standard_normal((3, 4, 6)).astype(np.float32)  # N x R x D
+    np.save(root / "train_ims.npy", train)
+    (root / "train_caps.txt").write_text("a\nb\nc\n\nd\n  e  \n")  # 2 per image, one blank
+    dev = rng.standard_normal((2, 4, 6)).astype(np.float64)
+    dev[1, 2, 3] = np.nan
+    np.save(root / "dev_ims.npy", dev)
+    (root / "dev_caps.txt").write_text("dev one\ndev two\n")
+    (root / "train_ids.txt").write_text("1\n2\n3\n")  # ignored
+
+    splits, stats = load_image_caption_dataset(str(root))
+
+    assert list(splits) == ["train", "validation"]
+    assert stats["source"] == "scan_precomputed"
+    for dataset in splits.values():
+        assert dataset.column_names == ["image_features", "captions"]
+        assert dataset.features["image_features"] == datasets.Array2D((4, 6), "float32")
+    assert splits["train"]["captions"] == [["a", "b"], ["c"], ["d", "e"]]
+    features = splits["train"].with_format("numpy")[:]["image_features"]  # [N, R, D]
+    assert features.dtype == np.float32 and features.shape == (3, 4, 6)
+    np.testing.assert_array_equal(features, train)
+    assert splits["validation"]["captions"] == [["dev one"]]
+    assert stats["skipped_captions"] == 1
+    assert stats["skipped_images"] == [
+        ("validation", "validation[1]", "image features contain NaN or infinite values")
+    ]
+
+
+def test_scan_errors(tmp_path):
+    root = tmp_path / "scan"
+    root.mkdir()
+    np.save(root / "test_ims.npy", np.zeros((2, 3, 4), dtype=np.float32))
+    (root / "test_caps.txt").write_text("a\nb\nc\n")
+    with pytest.raises(ValueError, match="3 captions for the 2 images"):
+        load_image_caption_dataset(str(root))
+    (root / "test_caps.txt").unlink()
+    with pytest.raises(ValueError, match="no captions file"):
+        load_image_caption_dataset(str(root))
+
+
+# --- 5. Hub ids and other folders ------------------------------------------------------------
+
+
+def flickr_like_hub_dataset(tmp_path):
+    """Like nlphuji/flickr30k: one test split, a split column, 5 captions as a list."""
+    rows = {
+        "image": [{"bytes": png_bytes((i * 40, 0, 0)), "path": f"{i}.jpg"} for i in range(4)],
+        "caption": [[f"caption {i}.{j}" for j in range(5)] for i in range(4)],
+        "sentids": [[str(5 * i + j) for j in range(5)] for i in range(4)],
+        "split": ["train", "val", "test", "train"],
+        "img_id": [str(i) for i in range(4)],
+        "filename": [f"{i}.jpg" for i in range(4)],
+    }
+    rows["caption"][3] = ["", "", "", "", ""]
+    dataset = datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
+    return datasets.DatasetDict({"test": dataset})
+
+
+def test_hub_id_goes_through_load_dataset(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_load_dataset(path, *args, **kwargs):
+        calls.append((path, args, kwargs))
+        return flickr_like_hub_dataset(tmp_path)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    splits, stats = load_image_caption_dataset("nlphuji/flickr30k")
+    assert calls == [("nlphuji/flickr30k", (), {})]
+    assert stats["source"] == "hub"
+    assert list(splits) == ["train", "validation", "test"]
+    assert_common_format(splits)
+    assert splits["train"]["captions"] == [[f"caption 0.{j}" for j in range(5)]]
+    assert splits["test"]["captions"] == [[f"caption 2.{j}" for j in range(5)]]
+    assert stats["skipped_images"] == [
+        ("train", "3.jpg", "no caption left after dropping empty ones")
+    ]
+    assert stats["skipped_captions"] == 5
+
+
+def test_hub_dataset_with_chosen_columns_and_relative_paths(tmp_path, monkeypatch):
+    png(tmp_path / "pics" / "one.png", colour=(1, 2, 3))
+    hub = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict(
+                {
+                    "file": ["one.png", "two.png"],
+                    "alt_text": ["one row", "two rows"],
+                    "sentences": [["ignored"], ["ignored"]],
+                }
+            ),
+            "validation": datasets.Dataset.from_dict(
+                {
+                    "file": ["one.png"],
+                    "alt_text": ["val"],
+                    "sentences": [["ignored"]],
+                }
+            ),
+        }
+    )
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, *a, **k: hub)
+    splits, stats = load_image_caption_dataset(
+        "someone/alt-text",
+        image_column="file",
+        caption_column="alt_text",
+        image_root=str(tmp_path / "pics"),
+    )
+    assert_common_format(splits)
+    assert splits["train"]["captions"] == [["one row"]]
+    assert splits["train"][0]["image"].getpixel((0, 0)) == (1, 2, 3)
+    assert stats["skipped_images"][0][:2] == ("train", str(tmp_path / "pics" / "two.png"))
+
+    # Default caption column: the first of caption, captions, sentences, raw, text.
+    splits, _ = load_image_caption_dataset(
+        "someone/alt-text", image_column="file", image_root=str(tmp_path / "pics")
+    )
+    assert splits["validation"]["captions"] == [["ignored"]]
+
+
+def test_missing_columns_are_named(monkeypatch, tmp_path):
+    hub = flickr_like_hub_dataset(tmp_path)
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, *a, **k: hub)
+    with pytest.raises(ValueError, match=r"caption column 'alt'.*columns: \['image', 'caption'"):
+        load_image_caption_dataset("a/b", caption_column="alt")
+    with pytest.raises(ValueError, match=r"image column 'photo' not found.*'filename'"):
+        load_image_caption_dataset("a/b", image_column="photo")
+    with pytest.raises(ValueError, match="image column 'sentids' has the feature"):
+        load_image_caption_dataset("a/b", image_column="sentids")
+
+    no_captions = datasets.DatasetDict({"train": hub["test"].remove_columns("caption")})
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, *a, **k: no_captions)
+    with pytest.raises(ValueError, match=r"no caption column found .*available columns: \['image'"):
+        load_image_caption_dataset("a/b")
+    no_images = datasets.DatasetDict({"train": hub["test"].remove_columns("image")})
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, *a, **k: no_images)
+    with pytest.raises(ValueError, match=r"no image column found .*available columns: \['caption'"):
+        load_image_caption_dataset("a/b")
+
+
+def test_folder_of_parquet_files(tmp_path):
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    dataset = datasets.Dataset.from_dict(
+        {"image": [{"bytes": png_bytes((7, 7, 7)), "path": "a.png"}], "text": ["grey"]}
+    ).cast_column("image", datasets.Image())
+    dataset.to_parquet(str(folder / "test.parquet"))
+    splits, stats = load_image_caption_dataset(str(folder))
+    assert stats["source"] == "data_files"
+    assert list(splits) == ["test"]
+    assert splits["test"]["captions"] == [["grey"]]
+    assert splits["test"][0]["image"].getpixel((0, 0)) == (7, 7, 7)
+
+
+@pytest.mark.parametrize("data", ["./no/such/folder", "/no/such/folder", "captions.json", "a/b/c"])
+def test_local_looking_paths_that_do_not_exist(data, monkeypatch):
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("went to the Hub"))
+    with pytest.raises(FileNotFoundError, match=data.replace(".", r"\.")):
+        load_image_caption_dataset(data)
+
+
+def test_unsupported_file_and_empty_folder(tmp_path):
+    text_file = tmp_path / "captions.txt"
+    text_file.write_text("hello\n")
+    with pytest.raises(ValueError, match="unsupported file"):
+        load_image_caption_dataset(str(text_file))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=f"cannot read the folder {empty}"):
+        load_image_caption_dataset(str(empty))

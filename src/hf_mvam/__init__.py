@@ -6,11 +6,15 @@ written by ``save_pretrained`` carries ``auto_map`` and the code files, so it lo
 """
 
 from .configuration_mvam import MVAMConfig
+from .configuration_uarda import UARDAConfig
 from .modeling_mvam import MVAMModel, MVAMOutput
+from .modeling_uarda import UARDAModel, UARDAOutput
 from .processing_mvam import MVAMProcessor
+from .processing_uarda import UARDAProcessor
 
-MVAMConfig.register_for_auto_class()
-MVAMModel.register_for_auto_class("AutoModel")
-MVAMProcessor.register_for_auto_class("AutoProcessor")
+for _config, _model, _processor in ((MVAMConfig, MVAMModel, MVAMProcessor), (UARDAConfig, UARDAModel, UARDAProcessor)):
+    _config.register_for_auto_class()
+    _model.register_for_auto_class("AutoModel")
+    _processor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["MVAMConfig", "MVAMModel", "MVAMOutput", "MVAMProcessor"]
+__all__ = ["MVAMConfig", "MVAMModel", "MVAMOutput", "MVAMProcessor", "UARDAConfig", "UARDAModel", "UARDAOutput", "UARDAProcessor"]

@@ -1,0 +1,428 @@
+"""Tests of the cross-attention scorer and the relevance threshold (hf_mvam.cross_attention).
+
+The references below are written independently of the code under test: a hand-computed SCAN
+score, and per-pair loops that follow SCAN's ``func_attention`` (kuanghuei/SCAN, model.py)
+one image–caption pair at a time.
+"""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_mvam.cross_attention import (
+    RelevanceThreshold,
+    cross_attention_scores,
+    gaussian_boundary,
+    relevance_samples,
+    word_region_attention,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+LAM_SOFTMAX = {"t2i": 9.0, "i2t": 4.0}
+LAM_LSE = {"t2i": 6.0, "i2t": 5.0}
+
+
+# ----------------------------------------------------------------------------------------------
+# Independent references
+# ----------------------------------------------------------------------------------------------
+def _scan_pair(query, context, lam, eps=1e-8):
+    """SCAN's func_attention + cosine for ONE pair: relevance of every query row."""
+    attn = context @ query.T  # [n_context, n_query]
+    attn = F.leaky_relu(attn, 0.1)
+    attn = attn / (attn.pow(2).sum(dim=1, keepdim=True).sqrt() + eps)  # l2norm over the queries
+    attn = torch.softmax(attn.T * lam, dim=1)  # [n_query, n_context], softmax over the context
+    weighted = attn @ context  # [n_query, d]
+    w12 = (query * weighted).sum(1)
+    return w12 / (query.norm(dim=1) * weighted.norm(dim=1)).clamp(min=eps)
+
+
+def _uarda_pair(query, context, lam, t, eps=1e-8):
+    """The documented uarda-mode relevance for ONE pair, one query at a time."""
+    s = query @ context.T  # [n_query, n_context]
+    z = (s - t).clamp(min=0)
+    norm = z.pow(2).sum(dim=0).sqrt() + eps  # [n_context]: over the queries, per context fragment
+    out = []
+    for q in range(query.shape[0]):
+        relevant = s[q] > t
+        if not bool(relevant.any()):
+            out.append(s[q].max())  # skipped query: its best (insufficient) similarity
+            continue
+        a = torch.softmax(lam * z[q, relevant] / norm[relevant], dim=0)
+        c = a @ context[relevant]
+        out.append((query[q] @ c) / (query[q].norm() * c.norm()).clamp(min=eps))
+    return torch.stack(out)
+
+
+def _pool(rel, aggregation, lam_lse):
+    if aggregation == "lse":
+        return torch.log(torch.exp(rel * lam_lse).sum()) / lam_lse
+    return rel.mean()
+
+
+def naive_scores(images, captions, mask, direction, aggregation, mode, t=0.0):
+    """Loop over every (image, caption) pair; captions truncated to their real words."""
+    out = torch.zeros(images.shape[0], captions.shape[0], dtype=images.dtype)
+    dirs = ("t2i", "i2t") if direction == "both" else (direction,)
+    for i in range(images.shape[0]):
+        for c in range(captions.shape[0]):
+            words = captions[c][mask[c].bool()]
+            regions = images[i]
+            total = 0.0
+            for d in dirs:
+                query, context = (words, regions) if d == "t2i" else (regions, words)
+                if mode == "scan":
+                    rel = _scan_pair(query, context, LAM_SOFTMAX[d])
+                else:
+                    rel = _uarda_pair(query, context, LAM_SOFTMAX[d], t)
+                total = total + _pool(rel, aggregation, LAM_LSE[d])
+            out[i, c] = total
+    return out
+
+
+def random_fragments(n_img=5, n_txt=7, n_reg=6, n_word=5, dim=8, dtype=torch.float64, seed=0,
+                     pad_value=0.37):
+    """Random unit fragments with variable caption lengths (1..n_word real words)."""
+    g = torch.Generator().manual_seed(seed)
+    images = F.normalize(torch.randn(n_img, n_reg, dim, generator=g, dtype=dtype), dim=-1)
+    captions = F.normalize(torch.randn(n_txt, n_word, dim, generator=g, dtype=dtype), dim=-1)
+    # Give captions some content of image (c % n_img) so that similarities are mixed.
+    for c in range(n_txt):
+        captions[c, :2] = F.normalize(images[c % n_img, :2] + 0.3 * captions[c, :2], dim=-1)
+    lengths = torch.randint(1, n_word + 1, (n_txt,), generator=g)
+    lengths[0] = n_word
+    lengths[1] = 1
+    mask = (torch.arange(n_word)[None, :] < lengths[:, None]).long()
+    # Padding slots hold arbitrary finite values: they must never matter.
+    captions = torch.where(mask.bool()[..., None], captions, torch.full_like(captions, pad_value))
+    return images, captions, mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring
+# ----------------------------------------------------------------------------------------------
+def test_scan_matches_hand_computed_example():
+    """One image with regions e1, e2; one caption with words (0.6, 0.8) and (1, 0)."""
+    images = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]], dtype=torch.float64)
+    one_word = torch.tensor([[[0.6, 0.8]]], dtype=torch.float64)
+    # A single word: s = (0.6, 0.8); normalised over the (one) word: (1, 1); attention (½, ½);
+    # c = (0.5, 0.5); cos(w, c) = 0.7 / sqrt(0.5) = 0.7·√2; LSE over one word = that value.
+    got = cross_attention_scores(images, one_word, direction="t2i")
+    assert got.shape == (1, 1)
+    assert abs(float(got) - 0.7 * math.sqrt(2.0)) < 1e-7  # 0.98994949...
+
+    two_words = torch.tensor([[[0.6, 0.8], [1.0, 0.0]]], dtype=torch.float64)
+    # Step by step (λ = 9, λ_lse = 6):
+    s = [[0.6, 0.8], [1.0, 0.0]]  # s[word][region]
+    col = [math.sqrt(0.6**2 + 1.0**2), math.sqrt(0.8**2 + 0.0**2)]  # per-region norm over words
+    s_hat = [[s[i][j] / (col[j] + 1e-8) for j in range(2)] for i in range(2)]
+    rel = []
+    for i, w in enumerate([(0.6, 0.8), (1.0, 0.0)]):
+        e = [math.exp(9.0 * s_hat[i][j]) for j in range(2)]
+        a = [e[0] / sum(e), e[1] / sum(e)]
+        c = (a[0] * 1.0, a[1] * 1.0)  # a1·e1 + a2·e2
+        rel.append((w[0] * c[0] + w[1] * c[1]) / math.hypot(*c))
+    expected = math.log(sum(math.exp(6.0 * r) for r in rel)) / 6.0
+    # Word 1: ŝ = (0.6/√1.36, 0.8/0.8) = (0.51450, 1) -> a = (0.012499, 0.987501)
+    #         -> c = a, w·c = 0.79750, |c| = 0.98758 -> R = 0.80753;
+    # word 2: ŝ = (1/√1.36, 0) = (0.85749, 0) -> a = (0.999555, 0.000445) -> R = 0.9999999;
+    # LSE = log(e^(6·0.80753) + e^(6·0.9999999)) / 6 = 1.04565.
+    assert abs(rel[0] - 0.80753) < 1e-5 and abs(rel[1] - 0.9999999) < 1e-7
+    assert abs(expected - 1.04565) < 1e-5
+    got = cross_attention_scores(images, two_words, direction="t2i")
+    assert abs(float(got) - expected) < 1e-10
+    got_mean = cross_attention_scores(images, two_words, aggregation="mean")
+    assert abs(float(got_mean) - sum(rel) / 2) < 1e-10
+
+
+@pytest.mark.parametrize("mode,t", [("scan", 0.0), ("uarda", 0.15), ("uarda", -0.05)])
+@pytest.mark.parametrize("direction", ["t2i", "i2t", "both"])
+@pytest.mark.parametrize("aggregation", ["lse", "mean"])
+def test_matches_per_pair_reference(mode, t, direction, aggregation):
+    images, captions, mask = random_fragments()
+    got = cross_attention_scores(
+        images, captions, mask, direction=direction, aggregation=aggregation,
+        threshold_mode=mode, threshold=t, chunk_size=(2, 3),
+    )
+    ref = naive_scores(images, captions, mask, direction, aggregation, mode, t)
+    assert torch.allclose(got, ref, atol=1e-10, rtol=0), (got - ref).abs().max()
+
+
+def test_uarda_skips_queries_and_reports_it():
+    images, captions, mask = random_fragments()
+    _, stats = cross_attention_scores(
+        images, captions, mask, direction="both", threshold_mode="uarda", threshold=0.15,
+        return_stats=True,
+    )
+    assert stats["t2i_queries"] == 5 * int(mask.sum())
+    assert 0 < stats["t2i_attended"] < stats["t2i_queries"]
+    assert 0 < stats["i2t_skipped_fraction"] < 1
+    # A threshold above every similarity skips everything: score = pooled best similarities.
+    got, stats = cross_attention_scores(
+        images, captions, mask, threshold_mode="uarda", threshold=1.5, return_stats=True
+    )
+    assert stats["t2i_attended"] == 0
+    ref = naive_scores(images, captions, mask, "t2i", "lse", "uarda", 1.5)
+    assert torch.allclose(got, ref, atol=1e-12)
+
+
+def test_float32_matches_float64():
+    images, captions, mask = random_fragments(dtype=torch.float64, seed=3)
+    for mode in ("scan", "uarda"):
+        ref = cross_attention_scores(images, captions, mask, direction="both",
+                                     threshold_mode=mode, threshold=0.1)
+        got = cross_attention_scores(images.float(), captions.float(), mask, direction="both",
+                                     threshold_mode=mode, threshold=0.1)
+        assert got.dtype == torch.float32
+        assert torch.allclose(got.double(), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["scan", "uarda"])
+def test_chunking_does_not_change_the_result(mode):
+    images, captions, mask = random_fragments(n_img=9, n_txt=11, seed=1)
+    kwargs = dict(direction="both", threshold_mode=mode, threshold=0.1)
+    full = cross_attention_scores(images, captions, mask, chunk_size=(9, 11), **kwargs)
+    for chunk in [(1, 1), (2, 3), (4, 11), (9, 2)]:
+        got = cross_attention_scores(images, captions, mask, chunk_size=chunk, **kwargs)
+        assert torch.allclose(got, full, atol=1e-12), chunk
+    tiny_budget = cross_attention_scores(images, captions, mask, memory_budget_mb=0.01, **kwargs)
+    assert torch.allclose(tiny_budget, full, atol=1e-12)
+    default = cross_attention_scores(images, captions, mask, **kwargs)
+    assert torch.allclose(default, full, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode,aggregation", [("scan", "lse"), ("uarda", "mean"), ("uarda", "lse")])
+def test_gradients(mode, aggregation):
+    # Zero padding vectors: similarities of exactly 0 must not produce NaN gradients.
+    images, captions, mask = random_fragments(n_img=3, n_txt=4, n_reg=4, n_word=4, dim=5, seed=2,
+                                              pad_value=0.0)
+    images.requires_grad_(True)
+    captions.requires_grad_(True)
+
+    def fn(im, cap):
+        return cross_attention_scores(
+            im, cap, mask, direction="both", aggregation=aggregation, threshold_mode=mode,
+            threshold=0.1, chunk_size=(2, 3),
+        )
+
+    assert torch.autograd.gradcheck(fn, (images, captions), eps=1e-6, atol=1e-6, fast_mode=True)
+    # float32 backward through a weighted sum: finite, non-zero gradients.
+    im32 = images.detach().float().requires_grad_(True)
+    cap32 = captions.detach().float().requires_grad_(True)
+    weights = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    (fn(im32, cap32) * weights).sum().backward()
+    for g in (im32.grad, cap32.grad):
+        assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode", ["scan", "uarda"])
+def test_word_region_attention_is_the_scoring_attention(mode):
+    images, captions, mask = random_fragments(seed=5)
+    t = 0.15
+    scores = cross_attention_scores(images, captions, mask, aggregation="mean",
+                                    threshold_mode=mode, threshold=t)
+    for i, c in [(0, 0), (2, 3), (4, 1)]:
+        attn, relevant = word_region_attention(images[i], captions[c], mask[c],
+                                               threshold_mode=mode, threshold=t)
+        real = mask[c].bool()
+        assert attn.shape == relevant.shape == (captions.shape[1], images.shape[1])
+        assert torch.all(attn[~real] == 0) and not relevant[~real].any()
+        sim = captions[c] @ images[i].T
+        attended = relevant.any(dim=1)
+        ctx = attn @ images[i]
+        rel = torch.where(attended, (captions[c] * ctx).sum(1) / ctx.norm(dim=1).clamp(min=1e-8),
+                          sim.max(dim=1).values)
+        assert torch.allclose(rel[real].mean(), scores[i, c], atol=1e-10)
+        if mode == "scan":
+            assert relevant[real].all()
+        assert torch.allclose(attn[attended].sum(1), torch.ones(int(attended.sum()),
+                                                                dtype=attn.dtype))
+
+
+def test_progress_bar_runs(capsys):
+    images, captions, mask = random_fragments()
+    got = cross_attention_scores(images, captions, mask, chunk_size=(2, 2), progress=True)
+    assert got.shape == (5, 7)
+
+
+def test_lambda_arguments():
+    images, captions, mask = random_fragments()
+    a = cross_attention_scores(images, captions, mask, direction="both")
+    b = cross_attention_scores(images, captions, mask, direction="both",
+                               lambda_softmax=(9, 4), lambda_lse={"t2i": 6, "i2t": 5})
+    assert torch.equal(a, b)
+    c = cross_attention_scores(images, captions, mask, lambda_softmax=20.0)
+    assert not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("all_padding", "no real word"),
+        ("empty_images", "empty"),
+        ("empty_text", "empty"),
+        ("nan_image", "NaN or infinite"),
+        ("inf_text", "NaN or infinite"),
+        ("dim_mismatch", "feature dimension"),
+        ("bad_rank", "shape"),
+        ("mask_shape", "text_mask must have shape"),
+        ("direction", "direction"),
+        ("aggregation", "aggregation"),
+        ("mode", "threshold_mode"),
+        ("threshold", "threshold must be finite"),
+        ("lambda", "lambda_softmax"),
+        ("chunk", "chunk_size"),
+    ],
+)
+def test_bad_inputs_raise(case, match):
+    images, captions, mask = random_fragments()
+    kwargs = {}
+    if case == "all_padding":
+        mask = mask.clone()
+        mask[3] = 0
+    elif case == "empty_images":
+        images = images[:0]
+    elif case == "empty_text":
+        captions, mask = captions[:0], mask[:0]
+    elif case == "nan_image":
+        images = images.clone()
+        images[1, 2, 3] = float("nan")
+    elif case == "inf_text":
+        captions = captions.clone()
+        captions[0, 0, 0] = float("inf")
+    elif case == "dim_mismatch":
+        captions = captions[..., :4]
+    elif case == "bad_rank":
+        images = images[0]
+    elif case == "mask_shape":
+        mask = mask[:, :2]
+    elif case == "direction":
+        kwargs["direction"] = "x2y"
+    elif case == "aggregation":
+        kwargs["aggregation"] = "max"
+    elif case == "mode":
+        kwargs["threshold_mode"] = "naaf"
+    elif case == "threshold":
+        kwargs.update(threshold_mode="uarda", threshold=float("nan"))
+    elif case == "lambda":
+        kwargs["lambda_softmax"] = -1.0
+    elif case == "chunk":
+        kwargs["chunk_size"] = (0, 4)
+    with pytest.raises(ValueError, match=match):
+        cross_attention_scores(images, captions, mask, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Threshold
+# ----------------------------------------------------------------------------------------------
+def _normal_pdf(x, mu, sd):
+    return math.exp(-0.5 * ((x - mu) / sd) ** 2) / (sd * math.sqrt(2 * math.pi))
+
+
+def test_gaussian_boundary_closed_form():
+    # Equal σ: N(t;μ+,σ) = α N(t;μ−,σ)  <=>  t = (μ+ + μ−)/2 + σ² ln α / (μ+ − μ−)
+    t = gaussian_boundary(0.5, 0.1, 0.1, 0.1, alpha=2.0)
+    assert abs(t - (0.3 + 0.01 * math.log(2.0) / 0.4)) < 1e-12  # 0.317329
+    # Unequal σ (both signs of A): the density ratio equals α at t, between the means.
+    for mu_p, sd_p, mu_n, sd_n in [(0.6, 0.15, 0.1, 0.05), (0.5, 0.05, 0.1, 0.12)]:
+        t = gaussian_boundary(mu_p, sd_p, mu_n, sd_n, alpha=2.0)
+        assert mu_n < t < mu_p
+        ratio = _normal_pdf(t, mu_p, sd_p) / _normal_pdf(t, mu_n, sd_n)
+        assert abs(ratio - 2.0) < 1e-9
+    # Degenerate inputs fall back to the midpoint of the means.
+    assert gaussian_boundary(0.5, 0.0, 0.1, 0.1) == pytest.approx(0.3)
+    assert gaussian_boundary(0.5, float("nan"), 0.1, 0.1) == pytest.approx(0.3)
+    # No real root (relevant distribution far wider and below): midpoint.
+    assert gaussian_boundary(0.0, 0.01, 0.5, 0.5, alpha=1e6) == pytest.approx(0.25)
+
+
+def test_threshold_recovers_boundary_from_samples():
+    torch.manual_seed(0)
+    est = RelevanceThreshold(min_samples=256, capacity=8192).train()
+    assert float(est.threshold) == 0.0
+    assert not est.update(0.5 + 0.1 * torch.randn(100), 0.1 + 0.1 * torch.randn(100))
+    assert float(est.threshold) == 0.0  # not enough samples yet
+    assert est.update(0.5 + 0.1 * torch.randn(8000), 0.1 + 0.1 * torch.randn(8000))
+    expected = 0.3 + 0.01 * math.log(2.0) / 0.4
+    assert abs(float(est.threshold) - expected) < 0.01
+    assert abs(float(est.relevant_mean) - 0.5) < 0.01
+    assert abs(float(est.irrelevant_std) - 0.1) < 0.01
+
+
+def test_threshold_momentum_and_eval_mode():
+    torch.manual_seed(1)
+    est = RelevanceThreshold(min_samples=64, capacity=512).train()
+    assert est.update(0.5 + 0.1 * torch.randn(512), 0.1 + 0.1 * torch.randn(512))
+    first = float(est.threshold)
+    assert first == pytest.approx(
+        gaussian_boundary(est.relevant_mean, est.relevant_std, est.irrelevant_mean,
+                          est.irrelevant_std), abs=1e-6)  # first estimate taken directly
+    # The ring buffer now only holds the new samples (capacity 512).
+    rel, irr = 0.7 + 0.05 * torch.randn(512), 0.2 + 0.05 * torch.randn(512)
+    assert est.update(rel, irr)
+    second = gaussian_boundary(rel.double().mean(), rel.double().std(),
+                               irr.double().mean(), irr.double().std())
+    assert float(est.threshold) == pytest.approx(0.7 * second + 0.3 * first, abs=1e-6)
+    assert int(est.num_updates) == 2
+    # Eval mode: nothing moves, nothing is collected.
+    est.eval()
+    state = {k: v.clone() for k, v in est.state_dict().items()}
+    assert not est.update(torch.ones(1000), -torch.ones(1000))
+    for k, v in est.state_dict().items():
+        assert torch.equal(v, state[k]) or (v.isnan().all() and state[k].isnan().all()), k
+    # Buffers round-trip through a state dict.
+    other = RelevanceThreshold(min_samples=64, capacity=512)
+    other.load_state_dict(est.state_dict())
+    assert float(other.threshold) == float(est.threshold)
+
+
+def test_threshold_stays_in_range_for_extreme_inputs():
+    est = RelevanceThreshold(min_samples=16, capacity=64).train()
+    est.update(torch.full((64,), 50.0) + torch.randn(64), torch.full((64,), 40.0))  # σ− = 0
+    assert -1.0 <= float(est.threshold) <= 1.0
+    est = RelevanceThreshold(min_samples=16, capacity=64).train()
+    est.update(-30.0 + torch.randn(64), -40.0 + 5 * torch.randn(64))
+    assert float(est.threshold) == -1.0
+    est.update(torch.tensor([float("nan"), float("inf")]), torch.tensor([float("nan")]))
+    assert math.isfinite(float(est.threshold))
+
+
+def test_relevance_samples():
+    images, captions, mask = random_fragments(n_img=6, n_txt=6, seed=4)
+    images, captions = images.float(), captions.float()
+    # Make caption b strongly about image b.
+    captions[:, :2] = F.normalize(images[:, :2] + 0.05 * captions[:, :2], dim=-1)
+    scores = cross_attention_scores(images, captions, mask)
+    rel, irr = relevance_samples(images, captions, mask, scores)
+    assert rel.shape == irr.shape == (int(mask.sum()),)
+    assert rel.mean() > irr.mean()
+    # Hardest negative of caption 0 = highest-scoring other image.
+    neg0 = int(scores[1:, 0].argmax()) + 1
+    n0 = int(mask[0].sum())
+    expected = (captions[0, :n0] @ images[neg0].T).amax(dim=1)
+    assert torch.allclose(irr[:n0], expected)
+    rel_e, irr_e = relevance_samples(images, captions, mask, scores, negative="easiest",
+                                     only_correct=True)
+    assert rel_e.numel() <= rel.numel()
+    with pytest.raises(ValueError, match="square batch"):
+        relevance_samples(images, captions[:5], mask[:5], scores[:, :5])
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark smoke test
+# ----------------------------------------------------------------------------------------------
+def test_benchmark_tiny_runs(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_uarda_scorer.py"), "--tiny",
+         "--out-dir", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "| contender" in proc.stdout
+    assert (tmp_path / "uarda_scorer.json").exists()

@@ -1,0 +1,193 @@
+"""UARDA: configuration, fragments, forward == scorer, the learned threshold, saving/loading, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY_TEXT, TINY_VISION, run_fresh_python, tiny_text_config
+from hf_mvam import UARDAConfig, UARDAModel, UARDAProcessor
+from hf_mvam.builders import default_image_processor
+
+
+@pytest.fixture(scope="module")
+def uarda_processor(tiny_tokenizer):
+    return UARDAProcessor(image_processor=default_image_processor(32), tokenizer=tiny_tokenizer)
+
+
+def tiny_uarda(tokenizer, **kwargs) -> UARDAModel:
+    config = UARDAConfig(
+        vision_config=TINY_VISION, text_config=tiny_text_config(tokenizer), embed_dim=16, threshold_min_samples=8, **kwargs
+    )
+    return UARDAModel(config).eval()
+
+
+def images(n: int):
+    rng = np.random.default_rng(1)
+    return [Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+CAPTIONS4 = ["a red circle", "a small green star above a large yellow triangle", "a blue square", "an orange diamond"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"threshold_mode": "relu"}, "threshold_mode"),
+        ({"direction": "up"}, "direction"),
+        ({"aggregation": "max"}, "aggregation"),
+        ({"embed_dim": 0}, "embed_dim"),
+        ({"margin": -0.1}, "margin"),
+        ({"image_feature_dim": 0}, "image_feature_dim"),
+        ({"lambda_softmax": 0.0}, "lambda_softmax"),
+        ({"threshold_momentum": 0.0}, "threshold_momentum"),
+        ({"initial_threshold": 2.0}, "initial_threshold"),
+        ({"vision_config": {"model_type": "nope"}}, "vision_config"),
+    ],
+)
+def test_config_validation_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        UARDAConfig(**kwargs)
+
+
+def test_config_round_trip(tmp_path):
+    config = UARDAConfig(image_feature_dim=48, text_config={**TINY_TEXT, "vocab_size": 40}, threshold_mode="scan", direction="both")
+    assert config.vision_config is None
+    config.save_pretrained(tmp_path)
+    loaded = UARDAConfig.from_pretrained(tmp_path)
+    assert loaded.to_dict() == config.to_dict() and loaded.image_feature_dim == 48 and loaded.direction == "both"
+
+
+@pytest.mark.parametrize("mode", ["scan", "uarda"])
+def test_forward_equals_scorer_and_chunking(tiny_tokenizer, uarda_processor, mode):
+    model = tiny_uarda(tiny_tokenizer, threshold_mode=mode, direction="both")
+    model.relevance_threshold.threshold.fill_(0.05)
+    batch = uarda_processor(text=CAPTIONS4[:3], images=images(2))
+    with torch.no_grad():
+        out = model(**batch)
+        assert out.logits_per_image.shape == (2, 3)
+        assert out.image_fragments.shape == (2, 16, 16)  # 4 x 4 grid regions (CLS dropped), D = 16
+        torch.testing.assert_close(out.image_fragments.norm(dim=-1), torch.ones(2, 16))
+        image_fragments = model.encode_images(batch["pixel_values"])
+        text_fragments, mask = model.encode_texts(batch["input_ids"], batch["attention_mask"])
+        for budget in (512.0, 0.001):  # one chunk vs one pair per chunk
+            torch.testing.assert_close(model.score(image_fragments, text_fragments, mask, memory_budget_mb=budget), out.logits_per_image)
+
+
+def test_precomputed_region_features(tiny_tokenizer, uarda_processor):
+    model = tiny_uarda(tiny_tokenizer, image_feature_dim=24)
+    assert model.vision_model is None
+    text = uarda_processor(text=CAPTIONS4[:2])
+    features = torch.randn(2, 36, 24)
+    out = model(**text, image_features=features, return_loss=True)
+    assert out.logits_per_image.shape == (2, 2) and out.loss.item() >= 0
+    with pytest.raises(ValueError, match=r"\[batch, regions, 24\]"):
+        model(**text, image_features=torch.randn(2, 36, 25))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        model(**text, image_features=features.index_fill(1, torch.tensor([3]), float("inf")))
+    with pytest.raises(ValueError, match="not pixel_values"):
+        model(**text, pixel_values=torch.zeros(2, 3, 32, 32))
+
+
+def test_bad_inputs(tiny_tokenizer, uarda_processor):
+    model = tiny_uarda(tiny_tokenizer)
+    batch = uarda_processor(text=CAPTIONS4[:2], images=images(2))
+    with pytest.raises(ValueError, match="exactly one of pixel_values and image_features"):
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    with pytest.raises(ValueError, match="exactly one of pixel_values and image_features"):
+        model(**batch, image_features=torch.zeros(2, 4, 32))
+    with pytest.raises(ValueError, match="empty"):
+        model(input_ids=batch["input_ids"], attention_mask=torch.zeros_like(batch["attention_mask"]), pixel_values=batch["pixel_values"])
+    with pytest.raises(ValueError, match="empty caption"):
+        uarda_processor(text=["a red circle", ""])
+    with pytest.raises(ValueError, match="paired inputs"):
+        model(input_ids=batch["input_ids"][:1], attention_mask=batch["attention_mask"][:1], pixel_values=batch["pixel_values"], return_loss=True)
+    with pytest.raises(ValueError, match="NaN"):
+        model(**{**batch, "pixel_values": batch["pixel_values"] * float("nan")})
+
+
+def test_training_learns_threshold_and_lowers_loss(tiny_tokenizer, uarda_processor):
+    model = tiny_uarda(tiny_tokenizer, threshold_mode="uarda").train()
+    batch = uarda_processor(text=CAPTIONS4, images=images(4))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(12):
+        optimizer.zero_grad()
+        out = model(**batch, return_loss=True)
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.loss.item())
+    threshold = model.relevance_threshold
+    assert int(threshold.num_updates) > 0 and threshold.threshold.item() != 0.0
+    assert -1 <= threshold.threshold.item() <= 1
+    assert threshold.relevant_mean.item() > threshold.irrelevant_mean.item()
+    assert losses[-1] < losses[0], losses
+    # in eval mode the threshold stays where training left it
+    model.eval()
+    before = threshold.threshold.clone()
+    model(**batch, return_loss=True)
+    assert torch.equal(threshold.threshold, before)
+
+
+def test_uarda_skips_queries_below_threshold(tiny_tokenizer, uarda_processor):
+    model = tiny_uarda(tiny_tokenizer, threshold_mode="uarda")
+    batch = uarda_processor(text=CAPTIONS4, images=images(3))
+    with torch.no_grad():
+        regions = model.encode_images(batch["pixel_values"])
+        words, mask = model.encode_texts(batch["input_ids"], batch["attention_mask"])
+        best = torch.einsum("tld,ird->itlr", words, regions).amax(-1)  # [I, T, L] best region per word
+        model.relevance_threshold.threshold.fill_(float(best[:, mask.bool()].median()))
+        _, stats = model.score(regions, words, mask, return_stats=True)
+    expected = (best[:, mask.bool()] <= model.relevance_threshold.threshold).float().mean().item()
+    assert stats["t2i_skipped_fraction"] == pytest.approx(expected, abs=1e-6)
+    assert 0.3 < stats["t2i_skipped_fraction"] < 0.7
+
+
+def test_word_region_attention_map(tiny_tokenizer, uarda_processor):
+    model = tiny_uarda(tiny_tokenizer, threshold_mode="uarda")
+    model.relevance_threshold.threshold.fill_(0.0)
+    batch = uarda_processor(text=CAPTIONS4[:1], images=images(1))
+    regions = model.encode_images(batch["pixel_values"])[0]
+    words, mask = model.encode_texts(batch["input_ids"], batch["attention_mask"])
+    attention, relevant = model.word_region_attention(regions, words[0], mask[0])
+    similarity = words[0] @ regions.t()
+    assert attention.shape == relevant.shape == (words.shape[1], 16)
+    assert torch.equal(relevant, similarity > 0)
+    attended = relevant.any(-1)
+    torch.testing.assert_close(attention[attended].sum(-1), torch.ones(int(attended.sum())))
+    assert torch.all(attention[~relevant] == 0)
+
+
+def test_save_load_keeps_threshold_and_fresh_process(tiny_tokenizer, uarda_processor, tmp_path):
+    model = tiny_uarda(tiny_tokenizer, threshold_mode="uarda")
+    model.relevance_threshold.threshold.fill_(0.123)
+    model.save_pretrained(tmp_path / "model")
+    uarda_processor.save_pretrained(tmp_path / "model")
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["auto_map"]["AutoModel"] == "modeling_uarda.UARDAModel"
+    loaded = UARDAModel.from_pretrained(tmp_path / "model").eval()
+    assert loaded.relevance_threshold.threshold.item() == pytest.approx(0.123)
+    batch = uarda_processor(text=CAPTIONS4[:2], images=images(2))
+    with torch.no_grad():
+        expected = model(**batch).logits_per_image
+    torch.testing.assert_close(loaded(**batch).logits_per_image, expected, rtol=0, atol=1e-6)
+    torch.save(dict(batch), tmp_path / "batch.pt")
+    torch.save(expected, tmp_path / "expected.pt")
+    out = run_fresh_python(
+        """
+        import torch
+        from transformers import AutoModel, AutoProcessor
+        model = AutoModel.from_pretrained("model", trust_remote_code=True).eval()
+        processor = AutoProcessor.from_pretrained("model", trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules")
+        with torch.no_grad():
+            scores = model(**torch.load("batch.pt")).logits_per_image
+        torch.testing.assert_close(scores, torch.load("expected.pt"), rtol=0, atol=1e-6)
+        print(type(model).__name__, type(processor).__name__, round(model.relevance_threshold.threshold.item(), 3))
+        """,
+        cwd=tmp_path,
+    )
+    assert out.split() == ["UARDAModel", "UARDAProcessor", "0.123"]

@@ -1,0 +1,117 @@
+"""UARDA model configuration."""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+from .backbones import DEFAULT_TEXT_CONFIG, DEFAULT_VISION_CONFIG, resolve_backbone_config
+
+THRESHOLD_MODES = ("scan", "uarda")
+DIRECTIONS = ("t2i", "i2t", "both")
+AGGREGATIONS = ("lse", "mean")
+
+
+class UARDAConfig(PretrainedConfig):
+    r"""Configuration of a [`UARDAModel`]: SCAN-style word–region cross attention whose relevance
+    threshold is learned from the data (UARDA, IEEE TMM 24 (2022) 1320–1332).
+
+    Args:
+        vision_config (`dict` or `PretrainedConfig`, *optional*):
+            Vision backbone whose grid/patch token states are the image regions. Defaults to the
+            small from-scratch ViT. Ignored when ``image_feature_dim`` is set.
+        image_feature_dim (`int`, *optional*):
+            Width of precomputed region features (e.g. 2048 for bottom-up-attention arrays of
+            36 x 2048 per image, SCAN's data layout). When set, the model takes ``image_features``
+            instead of ``pixel_values`` and has no vision backbone.
+        text_config (`dict` or `PretrainedConfig`, *optional*):
+            Text encoder whose token states are the words. Defaults to a small from-scratch BERT.
+        embed_dim (`int`, defaults to 128):
+            Shared dimension of region and word fragments.
+        threshold_mode (`str`, defaults to ``"uarda"``):
+            ``"uarda"``: learned relevance threshold; ``"scan"``: SCAN's fixed zero threshold
+            (LeakyReLU + normalisation), the baseline.
+        direction (`str`, defaults to ``"t2i"``): ``"t2i"``, ``"i2t"`` or ``"both"`` (summed).
+        aggregation (`str`, defaults to ``"lse"``): pooling over queries, ``"lse"`` or ``"mean"``.
+        lambda_softmax (`float`, *optional*): attention inverse temperature (SCAN: 9 t2i, 4 i2t).
+        lambda_lse (`float`, *optional*): LogSumExp factor (SCAN: 6 t2i, 5 i2t).
+        margin (`float`, defaults to 0.2): hinge margin of the hardest-negative triplet loss.
+        threshold_alpha (`float`, defaults to 2.0):
+            The threshold solves N(t; relevant) = alpha * N(t; irrelevant) (NAAF).
+        threshold_momentum (`float`, defaults to 0.7): weight of a new estimate in the update.
+        threshold_min_samples (`int`, defaults to 256): word samples collected before the first fit.
+        initial_threshold (`float`, defaults to 0.0): SCAN's zero until the first fit.
+    """
+
+    model_type = "uarda"
+    sub_configs = {"vision_config": PretrainedConfig, "text_config": PretrainedConfig}
+
+    def __init__(
+        self,
+        vision_config=None,
+        text_config=None,
+        image_feature_dim: int | None = None,
+        embed_dim: int = 128,
+        threshold_mode: str = "uarda",
+        direction: str = "t2i",
+        aggregation: str = "lse",
+        lambda_softmax: float | None = None,
+        lambda_lse: float | None = None,
+        margin: float = 0.2,
+        threshold_alpha: float = 2.0,
+        threshold_momentum: float = 0.7,
+        threshold_min_samples: int = 256,
+        initial_threshold: float = 0.0,
+        initializer_range: float = 0.02,
+        **kwargs,
+    ):
+        self.image_feature_dim = image_feature_dim
+        self.vision_config = (
+            None if image_feature_dim is not None
+            else resolve_backbone_config(vision_config, DEFAULT_VISION_CONFIG, "vision_config")
+        )
+        self.text_config = resolve_backbone_config(text_config, DEFAULT_TEXT_CONFIG, "text_config")
+        self.embed_dim = embed_dim
+        self.threshold_mode = threshold_mode
+        self.direction = direction
+        self.aggregation = aggregation
+        self.lambda_softmax = lambda_softmax
+        self.lambda_lse = lambda_lse
+        self.margin = margin
+        self.threshold_alpha = threshold_alpha
+        self.threshold_momentum = threshold_momentum
+        self.threshold_min_samples = threshold_min_samples
+        self.initial_threshold = initial_threshold
+        self.initializer_range = initializer_range
+        super().__init__(**kwargs)
+        self.validate_uarda()
+
+    def validate_uarda(self):
+        """Raise a ValueError that names the first invalid field."""
+        choices = {"threshold_mode": THRESHOLD_MODES, "direction": DIRECTIONS, "aggregation": AGGREGATIONS}
+        for field, allowed in choices.items():
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")
+        if self.image_feature_dim is not None and (not isinstance(self.image_feature_dim, int) or self.image_feature_dim < 1):
+            raise ValueError(f"image_feature_dim must be a positive integer or None, got {self.image_feature_dim!r}")
+        if not isinstance(self.embed_dim, int) or self.embed_dim < 1:
+            raise ValueError(f"embed_dim must be an integer >= 1, got {self.embed_dim!r}")
+        for field in ("lambda_softmax", "lambda_lse"):
+            value = getattr(self, field)
+            if value is not None and not value > 0:
+                raise ValueError(f"{field} must be > 0 (or None for SCAN's default), got {value!r}")
+        if not self.margin >= 0:
+            raise ValueError(f"margin must be >= 0, got {self.margin!r}")
+        if not self.threshold_alpha > 0:
+            raise ValueError(f"threshold_alpha must be > 0, got {self.threshold_alpha!r}")
+        if not 0 < self.threshold_momentum <= 1:
+            raise ValueError(f"threshold_momentum must be in (0, 1], got {self.threshold_momentum!r}")
+        if not isinstance(self.threshold_min_samples, int) or self.threshold_min_samples < 2:
+            raise ValueError(f"threshold_min_samples must be an integer >= 2, got {self.threshold_min_samples!r}")
+        if not -1 <= self.initial_threshold <= 1:
+            raise ValueError(f"initial_threshold must lie in [-1, 1], got {self.initial_threshold!r}")
+
+    def to_dict(self):
+        output = super().to_dict()
+        output["vision_config"] = self.vision_config.to_dict() if self.vision_config is not None else None
+        output["text_config"] = self.text_config.to_dict()
+        return output

@@ -153,6 +153,20 @@ def test_matches_per_pair_reference(mode, t, direction, aggregation):
     assert torch.allclose(got, ref, atol=1e-10, rtol=0), (got - ref).abs().max()
 
 
+@pytest.mark.parametrize("mode,t", [("scan", 0.0), ("uarda", 0.1)])
+def test_masks_with_holes(mode, t):
+    """Real words need not be a prefix: any mask pattern scores like the per-pair loop."""
+    images, captions, _ = random_fragments(seed=6)
+    g = torch.Generator().manual_seed(7)
+    mask = (torch.rand(captions.shape[:2], generator=g) < 0.6).long()
+    mask[:, 2] = 1  # every caption keeps at least one word
+    mask[0] = torch.tensor([0, 0, 1, 0, 1])
+    got = cross_attention_scores(images, captions, mask, direction="both", threshold_mode=mode,
+                                 threshold=t)
+    ref = naive_scores(images, captions, mask, "both", "lse", mode, t)
+    assert torch.allclose(got, ref, atol=1e-10)
+
+
 def test_uarda_skips_queries_and_reports_it():
     images, captions, mask = random_fragments()
     _, stats = cross_attention_scores(
@@ -218,6 +232,10 @@ def test_gradients(mode, aggregation):
     (fn(im32, cap32) * weights).sum().backward()
     for g in (im32.grad, cap32.grad):
         assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+    # The float32 path (oneDNN forward, matmul backward where available) has the same gradients.
+    (fn(images, captions) * weights.double()).sum().backward()
+    assert torch.allclose(im32.grad.double(), images.grad, atol=1e-4)
+    assert torch.allclose(cap32.grad.double(), captions.grad, atol=1e-4)
 
 
 @pytest.mark.parametrize("mode", ["scan", "uarda"])
@@ -409,8 +427,36 @@ def test_relevance_samples():
     rel_e, irr_e = relevance_samples(images, captions, mask, scores, negative="easiest",
                                      only_correct=True)
     assert rel_e.numel() <= rel.numel()
+    # A repeated image is never its own caption's negative.
+    twin = images.clone()
+    twin[1] = twin[0]
+    positives = torch.eye(6, dtype=torch.bool)
+    positives[0, 1] = positives[1, 0] = True
+    scores_twin = cross_attention_scores(twin, captions, mask)
+    _, irr_twin = relevance_samples(twin, captions, mask, scores_twin, positive_mask=positives)
+    neg0 = int(scores_twin[2:, 0].argmax()) + 2
+    expected = (captions[0, :n0] @ twin[neg0].T).amax(dim=1)
+    assert torch.allclose(irr_twin[:n0], expected)
     with pytest.raises(ValueError, match="square batch"):
         relevance_samples(images, captions[:5], mask[:5], scores[:, :5])
+
+
+def test_remote_code_imports_only_torch_and_stdlib():
+    """cross_attention.py is copied into saved model folders: torch, tqdm and stdlib only."""
+    import ast
+
+    source = (REPO / "src" / "hf_mvam" / "cross_attention.py").read_text()
+    allowed = {"__future__", "math", "typing", "torch", "tqdm"}
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "no relative imports needed"
+            names = [node.module]
+        else:
+            continue
+        for name in names:
+            assert name.split(".")[0] in allowed, name
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ Contents, top to bottom
     model's training forward and its retrieval scorer are the very same function. Two threshold
     modes: ``"scan"`` (SCAN's LeakyReLU + L2 normalisation) and ``"uarda"`` (a relevance
     threshold ``t`` decides which fragments take part in the attention, and queries with no
-    relevant fragment are skipped; formula below).
+    relevant fragment are skipped; formula in the function's docstring).
 ``word_region_attention``
     The attention of one pair (what each word looks at), for visualisation.
 ``gaussian_boundary``
@@ -26,7 +26,10 @@ Notation
 --------
 ``N_i`` images with ``R`` regions, ``N_t`` captions with ``L`` word slots (a mask marks the real
 words), dimension ``D``. Fragments are L2-normalised, so ``s = w · v`` is a cosine similarity.
-All blocks use the layout ``[ci, ct, L, R]``: image, caption, word, region.
+A chunk of ``ct`` captions and ``ci`` images is one matrix product
+``[ct·L, D] × [D, ci·R] -> [ct·L, ci·R]``, viewed as the block ``[ct, L, ci, R]``
+(caption, word, image, region) that everything else works on — ``[ct, L, R, ci]`` in uarda
+mode, whose one full pass over the block (the max over the regions) is faster that way.
 
 How a pair is scored without materialising the attended vectors
 ---------------------------------------------------------------
@@ -41,6 +44,14 @@ instead of the ``O(R·D)`` of forming ``c``. Image-to-text uses the caption's wo
 ``H = W Wᵀ`` (``L × L``) in the same way. The result equals SCAN's ``func_attention`` +
 ``cosine_similarity`` + LogSumExp up to floating-point rounding (the tests check it against a
 per-pair loop, the benchmark against SCAN's sharded evaluation loop).
+
+Speed notes (CPU): blocks are kept cache-sized (about 0.5 M elements), padding words are zeroed
+before the product (their similarities are exactly 0, so SCAN's normalisation over the words
+needs no mask pass), intermediates are overwritten in place when no gradient is recorded, and the
+similarity product uses oneDNN's fp32 GEMM when PyTorch exposes it (``_linear_pointwise``, the
+kernel ``torch.compile`` emits for CPU linear layers), falling back to ``torch.matmul`` otherwise.
+Without gradients, the image operands are prepacked for it once per call (a copy of the image
+fragments lives for the duration of the call).
 """
 
 from __future__ import annotations
@@ -76,12 +87,16 @@ _DIRECTIONS = ("t2i", "i2t", "both")
 _AGGREGATIONS = ("lse", "mean")
 _THRESHOLD_MODES = ("scan", "uarda")
 
-# Number of [ci, ct, L, R]-sized float buffers alive at the peak of one chunk (similarities,
-# activations, logits, attention, products, ...). Used to turn a memory budget into a chunk size.
-_LIVE_BUFFERS_PER_CHUNK = 8
-# Upper bound on one chunk's similarity block (elements), whatever the budget: blocks of a few
-# million elements stay in the CPU's last-level cache and keep the elementwise work fast.
-_MAX_FAST_CHUNK_ELEMENTS = 1 << 22
+# Number of [ct, L, ci, R]-sized buffers alive at the peak of one chunk (similarities,
+# activations, attention, products, ...). Turns a memory budget into a chunk size.
+_LIVE_BUFFERS_PER_CHUNK = 6
+# Preferred size of one [ct, L, ci, R] block (elements). scan mode: about 2 MB in float32, so
+# that its many elementwise passes run from the CPU caches; uarda mode: larger, as it makes one
+# pass (the max) over the block and then works on the few compacted rows, whose fixed cost per
+# chunk is better spread. The memory budget can only lower these.
+_TARGET_CHUNK_ELEMENTS = {"scan": 1 << 19, "uarda": 1 << 21}
+# Images per chunk (their region matrix, ci·R × D, is the GEMM operand reused across captions).
+_IMAGES_PER_CHUNK = {"scan": 32, "uarda": 128}
 
 LambdaArg = Union[None, float, Sequence[float], Dict[str, float]]
 
@@ -113,7 +128,7 @@ def cross_attention_scores(
         text_fragments: ``[N_t, L, D]`` word features, L2-normalised per word.
         text_mask: ``[N_t, L]``, 1 (or True) for a real word, 0 for padding. ``None``: all real.
             Only real words count anywhere (normalisation, softmax, pooling), as SCAN truncates
-            each caption to its length.
+            each caption to its length; padding slots may hold any finite values.
         direction: ``"t2i"`` (words attend to regions), ``"i2t"`` (regions attend to words) or
             ``"both"`` (the sum of the two scores).
         aggregation: ``"lse"`` — ``(1/λ_lse) log Σ_q exp(λ_lse r_q)`` over the queries — or
@@ -124,14 +139,16 @@ def cross_attention_scores(
         threshold_mode: ``"scan"`` or ``"uarda"`` (see below).
         threshold: relevance threshold ``t`` (float or 0-d tensor; used in uarda mode only). It is
             read as a plain number: no gradient flows into it.
-        chunk_size: ``(images, captions)`` per chunk. ``None``: chosen from the budget.
-        memory_budget_mb: bound on the working memory of one chunk (all of its
-            ``[images, captions, L, R]`` intermediates together, about 8 of them at 4 bytes
-            per element for float32). With autograd recording, every chunk's intermediates are
-            kept for the backward pass, so the budget then bounds each chunk, not the total.
+        chunk_size: ``(images, captions)`` per chunk. ``None``: chosen from the budget (blocks
+            of 0.5 M (scan) or 2 M (uarda) word–region pairs, fewer if the budget asks for it),
+            with captions sorted by length so that each chunk is trimmed to its longest caption.
+        memory_budget_mb: upper bound on the working memory of one chunk (its ~6
+            ``[captions, L, images, R]`` intermediates). With autograd recording, every chunk's
+            intermediates are kept for the backward pass, so the budget then bounds each chunk,
+            not the total.
         progress: show a tqdm bar over the chunks.
         return_stats: also return a dict with the number of queries and of attended (not
-            skipped) queries per direction.
+            skipped) queries per direction, the skipped fraction and the chunk size.
         eps: SCAN's epsilon in L2 normalisation and in the cosine denominator.
 
     Returns:
@@ -158,15 +175,15 @@ def cross_attention_scores(
         ẑ_qk = z_qk / (sqrt(Σ_{q' real} z_q'k²) + eps)           # SCAN's normalisation, on z
         a_qk = exp(λ ẑ_qk) / Σ_{k' ∈ K_q} exp(λ ẑ_qk')  if k ∈ K_q, else 0   # masked softmax
         r_q  = cos(q, Σ_k a_qk v_k)                 if K_q is not empty
-        r_q  = max_k s_qk   (< t: the best, insufficient evidence)   if K_q is empty ("skipped")
+        r_q  = max_k s_qk   (≤ t: the best, insufficient evidence)   if K_q is empty ("skipped")
         score = (1/λ_lse) log Σ_q exp(λ_lse r_q)                # or the mean, over real queries
 
     Irrelevant fragments therefore take no part in the attention, and a skipped query costs
-    only its similarity row: the attention, normalisation and Gram work is done on the compacted
-    (pair, query) rows that have a relevant fragment. For ``t ≥ 0`` an attended query always
-    scores above ``t`` (``cos(q, c) ≥ q·c = Σ a_k s_qk > t`` since ``|c| ≤ 1``) and a skipped one
-    below it, so the two cases stay ordered. Both cases are exact and differentiable (the
-    gradient of a skipped query flows through its best similarity).
+    only its similarity row and its maximum: the normalisation, softmax and Gram work runs on
+    the compacted (pair, query) rows that have a relevant fragment. For ``t ≥ 0`` an attended
+    query always scores above ``t`` (``cos(q, c) ≥ q·c = Σ a_k s_qk > t`` since ``|c| ≤ 1``) and
+    a skipped one at most ``t``, so the two cases stay ordered. Both cases are exact and
+    differentiable (the gradient of a skipped query flows through its best similarity).
     """
     if direction not in _DIRECTIONS:
         raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
@@ -182,68 +199,111 @@ def cross_attention_scores(
     t = float(threshold)
     if threshold_mode == "uarda" and not math.isfinite(t):
         raise ValueError(f"threshold must be finite, got {t}")
-    directions = ("t2i", "i2t") if direction == "both" else (direction,)
+    uarda = threshold_mode == "uarda"
+    do_t2i, do_i2t = direction in ("t2i", "both"), direction in ("i2t", "both")
 
-    n_img, n_reg, _ = image_fragments.shape
+    n_img, n_reg, dim = image_fragments.shape
     n_txt, n_word, _ = text_fragments.shape
-    img_chunk, txt_chunk = _plan_chunks(
-        n_img, n_txt, n_reg, n_word, chunk_size, memory_budget_mb, image_fragments.element_size()
+    img_chunk, fixed_txt_chunk, max_elements = _plan_chunks(
+        n_img, n_reg, n_word, chunk_size, memory_budget_mb, image_fragments.element_size(),
+        threshold_mode,
+    )
+    # Captions sorted by length and each chunk trimmed to its longest caption: blocks carry
+    # (almost) no padding words, as SCAN's loop, which truncates every caption to its length.
+    length = _effective_lengths(word_mask)  # [N_t] last real word + 1
+    order = torch.argsort(length, stable=True)  # [N_t]
+    caption_chunks = _caption_chunks(
+        length[order].tolist(), img_chunk * n_reg, fixed_txt_chunk, max_elements
+    )
+    # Intermediates may be overwritten in place only when autograd is not recording.
+    inplace = not (
+        torch.is_grad_enabled()
+        and (image_fragments.requires_grad or text_fragments.requires_grad)
     )
 
-    # Per-fragment quantities computed once for all chunks.
-    image_gram = torch.matmul(image_fragments, image_fragments.transpose(1, 2))  # [N_i, R, R]
-    region_norm = image_fragments.norm(dim=-1)  # [N_i, R]
-    word_gram = torch.matmul(text_fragments, text_fragments.transpose(1, 2))  # [N_t, L, L]
-    word_norm = text_fragments.norm(dim=-1)  # [N_t, L]
+    # Per-image quantities, computed once for all chunks.
+    images = image_fragments.contiguous()
+    image_gram = torch.matmul(images, images.transpose(1, 2))  # [N_i, R, R]
+    region_norm = images.norm(dim=-1)  # [N_i, R]
 
-    scores = image_fragments.new_zeros(n_img, n_txt)  # [N_i, N_t]
-    stats = {f"{d}_{k}": 0 for d in directions for k in ("queries", "attended")}
-    n_chunks = -(-n_img // img_chunk) * -(-n_txt // txt_chunk)
+    # GEMM operand of every image chunk, [ci*R, D], shared by all caption chunks. Its rows are
+    # image-major (image, region) in scan mode and region-major (region, image) in uarda mode,
+    # where it makes the one full pass over a block, the max over the regions, a reduction over
+    # an outer axis (vectorised over the images) instead of over rows of R.
+    rows_hint = max_elements // (img_chunk * n_reg) if max_elements else fixed_txt_chunk * n_word
+    image_chunks = []
+    for i0 in range(0, n_img, img_chunk):
+        chunk = images[i0:i0 + img_chunk]  # [ci, R, D]
+        if uarda:
+            chunk = chunk.transpose(0, 1)  # [R, ci, D]
+        operand = _region_operand(chunk.reshape(-1, dim), rows_hint, inplace)  # [ci*R, D]
+        image_chunks.append((i0, min(i0 + img_chunk, n_img), operand))
+
+    scores = images.new_zeros(n_img, n_txt)  # [N_i, N_t]
+    stats = {"t2i_queries": 0, "t2i_attended": 0, "i2t_queries": 0, "i2t_attended": 0}
+    n_chunks = -(-n_img // img_chunk) * len(caption_chunks)
     bar = _tqdm(total=n_chunks, desc="cross-attention", unit="chunk") if (
         progress and _tqdm is not None
     ) else None
 
-    for t0 in range(0, n_txt, txt_chunk):
-        t1 = min(t0 + txt_chunk, n_txt)
-        words = text_fragments[t0:t1]  # [ct, L, D]
-        words_flat = words.reshape(-1, words.shape[-1])  # [ct*L, D]
-        mask = word_mask[t0:t1]  # [ct, L]
-        for i0 in range(0, n_img, img_chunk):
-            i1 = min(i0 + img_chunk, n_img)
-            regions = image_fragments[i0:i1]  # [ci, R, D]
-            # One batched matrix multiply gives every word–region similarity of the chunk:
-            # [ct*L, D] x [ci, D, R] -> [ci, ct*L, R] -> [ci, ct, L, R]
-            sim = torch.matmul(words_flat, regions.transpose(1, 2))
-            sim = sim.view(i1 - i0, t1 - t0, n_word, n_reg)  # [ci, ct, L, R]
-            block = None
-            for d in directions:
-                if d == "t2i":
-                    rel, qmask, n_q, n_att = _t2i_relevance(
-                        sim, mask, word_norm[t0:t1], image_gram[i0:i1],
-                        lam_softmax["t2i"], threshold_mode, t, eps,
-                    )  # rel, qmask: [ci, ct, L]
-                else:
-                    rel, qmask, n_q, n_att = _i2t_relevance(
-                        sim, mask, region_norm[i0:i1], word_gram[t0:t1],
-                        lam_softmax["i2t"], threshold_mode, t, eps,
-                    )  # rel: [ci, ct, R]; qmask None (all regions are real)
-                pooled = _pool(rel, qmask, aggregation, lam_lse[d])  # [ci, ct]
-                block = pooled if block is None else block + pooled
-                stats[f"{d}_queries"] += n_q
-                stats[f"{d}_attended"] += n_att
-            scores[i0:i1, t0:t1] = block  # autograd records this slice copy
+    for t0, t1, n_len in caption_chunks:
+        idx = order[t0:t1].to(text_fragments.device)  # [ct] caption indices of this chunk
+        real = word_mask[idx, :n_len]  # [ct, Lc] bool, Lc = longest caption of the chunk
+        # Padding words become zero vectors: their similarities are exactly 0, so they add
+        # nothing to SCAN's normalisation over the words (no mask pass over the big blocks).
+        words = text_fragments[idx, :n_len] * real.unsqueeze(-1).to(text_fragments.dtype)
+        words_flat = words.reshape(-1, dim)  # [ct, Lc, D] -> [ct*Lc, D]
+        word_norm = words.norm(dim=-1)  # [ct, Lc]
+        word_gram = torch.bmm(words, words.transpose(1, 2)) if do_i2t else None  # [ct, Lc, Lc]
+        n_real = int(real.sum())
+        t2i_parts, i2t_parts = [], []
+        for i0, i1, regions_flat in image_chunks:
+            # All word–region similarities of the chunk in one GEMM:
+            # [ct*Lc, D] x [D, ci*R] -> [ct*Lc, ci*R] -> [ct, Lc, ci, R] (uarda: [ct, Lc, R, ci])
+            sim = _similarity(words_flat, regions_flat)
+            if uarda:
+                sim = sim.view(t1 - t0, n_len, n_reg, i1 - i0)
+            else:
+                sim = sim.view(t1 - t0, n_len, i1 - i0, n_reg)
+            if do_t2i:
+                relevance = _t2i_uarda if uarda else _t2i_scan
+                rel, attended = relevance(
+                    sim, real, word_norm, image_gram[i0:i1], lam_softmax["t2i"], t, eps, inplace
+                )  # [ct, Lc, ci]
+                t2i_parts.append(rel)
+                stats["t2i_queries"] += n_real * (i1 - i0)
+                stats["t2i_attended"] += n_real * (i1 - i0) if attended is None else attended
+            if do_i2t:
+                relevance = _i2t_uarda if uarda else _i2t_scan
+                rel, attended = relevance(
+                    sim, real, region_norm[i0:i1], word_gram, lam_softmax["i2t"], t, eps, inplace
+                )  # [ct, ci, R]
+                i2t_parts.append(_pool(rel, None, aggregation, lam_lse["i2t"], dim=-1))  # [ct, ci]
+                n_q = (t1 - t0) * (i1 - i0) * n_reg
+                stats["i2t_queries"] += n_q
+                stats["i2t_attended"] += n_q if attended is None else attended
+            del sim
             if bar is not None:
                 bar.update(1)
+        block = 0
+        if do_t2i:
+            rel = torch.cat(t2i_parts, dim=2)  # [ct, Lc, N_i]
+            block = _pool(rel, real.unsqueeze(-1), aggregation, lam_lse["t2i"], dim=1)  # [ct, N_i]
+        if do_i2t:
+            block = block + torch.cat(i2t_parts, dim=1)  # [ct, N_i]
+        scores[:, idx] = block.transpose(0, 1)  # autograd records this indexed copy
     if bar is not None:
         bar.close()
 
-    if return_stats:
-        for d in directions:
-            q = stats[f"{d}_queries"]
-            stats[f"{d}_skipped_fraction"] = 1.0 - stats[f"{d}_attended"] / q if q else 0.0
-        stats["chunk_size"] = (img_chunk, txt_chunk)
-        return scores, stats
-    return scores
+    if not return_stats:
+        return scores
+    out = {"chunk_size": (img_chunk, max(t1 - t0 for t0, t1, _ in caption_chunks))}
+    for d, on in (("t2i", do_t2i), ("i2t", do_i2t)):
+        if on:
+            q, a = stats[f"{d}_queries"], stats[f"{d}_attended"]
+            out.update({f"{d}_queries": q, f"{d}_attended": a,
+                        f"{d}_skipped_fraction": 1.0 - a / q if q else 0.0})
+    return scores, out
 
 
 @torch.no_grad()
@@ -302,110 +362,193 @@ def word_region_attention(
 
 
 # --------------------------------------------------------------------------------------------
-# Per-chunk relevance of every query
+# Similarity product
 # --------------------------------------------------------------------------------------------
-def _t2i_relevance(sim, word_mask, word_norm, image_gram, lam, mode, t, eps):
-    """Relevance ``r`` of every word of every (image, caption) pair of a chunk.
+_ONEDNN_STATE = {"checked": False, "ok": False, "pack_ok": False}
+
+
+def _onednn_linear_ok() -> bool:
+    """Whether ``torch.ops.mkldnn._linear_pointwise`` exists here and agrees with matmul.
+
+    Also records whether its weights can be prepacked (``_reorder_linear_weight``).
+    """
+    if not _ONEDNN_STATE["checked"]:
+        _ONEDNN_STATE["checked"] = True
+        try:
+            if torch.backends.mkldnn.is_available():
+                gen = torch.Generator().manual_seed(0)
+                a, b = torch.randn(37, 19, generator=gen), torch.randn(23, 19, generator=gen)
+                expected = a @ b.T
+                out = torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+                _ONEDNN_STATE["ok"] = bool(torch.allclose(out, expected, atol=1e-4))
+                packed = torch.ops.mkldnn._reorder_linear_weight(b, 37)
+                out = torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+                _ONEDNN_STATE["pack_ok"] = bool(torch.allclose(out, expected, atol=1e-4))
+        except Exception:  # op missing or unsupported build: use torch.matmul
+            pass
+    return _ONEDNN_STATE["ok"]
+
+
+def _onednn_applies(x: torch.Tensor) -> bool:
+    """oneDNN's GEMM is used for contiguous float32 CPU tensors when mkldnn is enabled."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.is_contiguous()
+        and torch.backends.mkldnn.enabled
+        and _onednn_linear_ok()
+    )
+
+
+class _OneDNNSimilarity(torch.autograd.Function):
+    """``words @ regions.T`` with oneDNN's forward and plain matmuls for the backward pass."""
+
+    @staticmethod
+    def forward(ctx, words, regions):  # [n, D], [m, D] -> [n, m]
+        ctx.save_for_backward(words, regions)
+        return torch.ops.mkldnn._linear_pointwise(words, regions, None, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad):  # grad [n, m]
+        words, regions = ctx.saved_tensors
+        return grad @ regions, grad.transpose(0, 1) @ words  # [n, D], [m, D]
+
+
+def _region_operand(regions: torch.Tensor, rows_hint: int, inplace: bool):
+    """The GEMM operand for ``regions [m, D]``: prepacked for oneDNN when nothing needs
+    gradients (it is reused by every caption chunk), else the tensor itself."""
+    if inplace and _onednn_applies(regions) and _ONEDNN_STATE["pack_ok"]:
+        try:
+            return torch.ops.mkldnn._reorder_linear_weight(regions, max(1, rows_hint))
+        except Exception:
+            _ONEDNN_STATE["pack_ok"] = False
+    return regions
+
+
+def _similarity(words: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+    """All dot products ``[n, D] x [m, D] -> [n, m]`` (one GEMM).
+
+    ``regions`` may be a oneDNN-prepacked operand from :func:`_region_operand`.
+    """
+    if regions.layout != torch.strided or regions.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(words, regions, None, "none", [], "")
+    if _onednn_applies(words) and _onednn_applies(regions):
+        if torch.is_grad_enabled() and (words.requires_grad or regions.requires_grad):
+            return _OneDNNSimilarity.apply(words, regions)
+        return torch.ops.mkldnn._linear_pointwise(words, regions, None, "none", [], "")
+    return torch.matmul(words, regions.transpose(0, 1))
+
+
+# --------------------------------------------------------------------------------------------
+# Per-chunk relevance of every query. Input block `sim` [ct, L, ci, R]; padding words are zero
+# vectors (their similarities are 0). Each function returns (relevance, attended rows or None).
+# --------------------------------------------------------------------------------------------
+def _t2i_scan(sim, real, word_norm, image_gram, lam, t, eps, inplace):
+    """SCAN text-to-image relevance ``r [ct, L, ci]`` of every word against every image.
 
     Args:
-        sim: ``[ci, ct, L, R]`` word–region similarities.
-        word_mask: ``[ct, L]`` bool, real words.
-        word_norm: ``[ct, L]`` word norms (1 for normalised input; kept for SCAN's cosine).
+        sim: ``[ct, L, ci, R]`` similarities.
+        real: ``[ct, L]`` real-word mask (unused: padding rows are already zero).
+        word_norm: ``[ct, L]`` word norms (1 for normalised words; kept for SCAN's cosine).
         image_gram: ``[ci, R, R]`` region Gram matrices.
-
-    Returns:
-        ``(r [ci, ct, L], query_mask [1, ct, L], n_queries, n_attended)``.
     """
-    ci, ct, n_word, n_reg = sim.shape
-    real = word_mask.unsqueeze(0)  # [1, ct, L]
-    n_queries = ci * int(word_mask.sum())
-    if mode == "scan":
-        # LeakyReLU, then L2 normalisation over the real words for each region.
-        x = F.leaky_relu(sim, 0.1) * real.unsqueeze(-1).to(sim.dtype)  # [ci, ct, L, R]
-        norm = _sqrt_plus_eps(x.square().sum(dim=2, keepdim=True), eps)  # [ci, ct, 1, R]
-        attn = torch.softmax(x * (lam / norm), dim=-1)  # [ci, ct, L, R], softmax over regions
-        numerator = (attn * sim).sum(dim=-1)  # [ci, ct, L]  = w · c
-        # |c|² = aᵀ G a, batched per image: [ci, ct*L, R] x [ci, R, R] -> [ci, ct*L, R]
-        attn_rows = attn.view(ci, ct * n_word, n_reg)
-        quad = (torch.bmm(attn_rows, image_gram) * attn_rows).sum(dim=-1)  # [ci, ct*L]
-        quad = quad.view(ci, ct, n_word)  # [ci, ct, L]
-        rel = numerator / (word_norm * quad.clamp_min(eps * eps).sqrt()).clamp_min(eps)
-        return rel, real, n_queries, n_queries
+    ct, n_word, ci, n_reg = sim.shape
+    x = F.leaky_relu(sim, 0.1)  # [ct, L, ci, R]
+    # L2 normalisation over the words for each region (padding words contribute 0).
+    norm = _sqrt_plus_eps(x.square().sum(dim=1, keepdim=True), eps)  # [ct, 1, ci, R]
+    logits = x.mul_(lam / norm) if inplace else x * (lam / norm)  # [ct, L, ci, R]
+    attn = torch.softmax(logits, dim=-1)  # [ct, L, ci, R], softmax over the regions
+    prod = torch.mul(attn, sim, out=logits) if inplace else attn * sim
+    numerator = prod.sum(dim=-1)  # [ct, L, ci]  = w · c
+    quad = _per_image_quadratic_form(attn, image_gram, inplace)  # [ct, L, ci]  = |c|²
+    denom = word_norm.unsqueeze(-1) * quad.clamp_min(eps * eps).sqrt()  # [ct, L, ci]
+    return numerator / denom.clamp_min(eps), None
 
-    # ---- uarda mode -------------------------------------------------------------------------
-    best = sim.amax(dim=-1)  # [ci, ct, L]  max_j s_ij: the contribution of a skipped word
-    live = (best > t) & real  # [ci, ct, L]  real words with at least one relevant region
-    rows = live.reshape(-1).nonzero().squeeze(1)  # [M] flat (image, caption, word) indices
-    if rows.numel() == 0:
-        return best, real, n_queries, 0
-    s_rows = sim.reshape(-1, n_reg).index_select(0, rows)  # [M, R] similarities of live rows
+
+def _t2i_uarda(sim, real, word_norm, image_gram, lam, t, eps, inplace):
+    """uarda-mode text-to-image relevance ``r [ct, L, ci]`` (see cross_attention_scores).
+
+    ``sim`` is region-major here: ``[ct, L, R, ci]``.
+    """
+    ct, n_word, n_reg, ci = sim.shape
+    best = sim.amax(dim=2)  # [ct, L, ci]  max_j s_ij: the value of a skipped word
+    live = (best > t) & real.unsqueeze(-1)  # [ct, L, ci]  real words with a relevant region
+    # Live (word, image) rows in image-major order, so that the rows of one image are
+    # contiguous for the grouped Gram product: [ct, L, ci] -> [ci, ct, L] -> 3 x [M]
+    image, caption, word = live.permute(2, 0, 1).nonzero(as_tuple=True)
+    n_live = int(image.numel())
+    if n_live == 0:
+        return best, 0
+    # Similarities of the live rows: [ct, L, R, ci] -> [ct, L, ci, R] gathered -> [M, R]
+    s_rows = sim.permute(0, 1, 3, 2)[caption, word, image]
     z = (s_rows - t).clamp_min(0.0)  # [M, R]  relu(s - t)
     # Normalisation over the words, per (pair, region): skipped and padding words have z = 0,
-    # so summing over the live rows only is exact.
-    pair = torch.div(rows, n_word, rounding_mode="floor")  # [M] flat (image, caption) index
-    sq_sum = z.new_zeros(ci * ct, n_reg).index_add_(0, pair, z.square())  # [ci*ct, R]
+    # so summing over the live rows only is exact. Rows of a pair are consecutive.
+    _, pair = torch.unique_consecutive(image * ct + caption, return_inverse=True)  # [M]
+    sq_sum = z.new_zeros(int(pair[-1]) + 1, n_reg).index_add_(0, pair, z.square())  # [P, R]
     norm = _sqrt_plus_eps(sq_sum, eps).index_select(0, pair)  # [M, R]
     logits = (z * (lam / norm)).masked_fill(s_rows <= t, float("-inf"))  # [M, R]
-    attn = torch.softmax(logits, dim=-1)  # [M, R]  masked softmax over relevant regions
+    attn = torch.softmax(logits, dim=-1)  # [M, R]  masked softmax over the relevant regions
     numerator = (attn * s_rows).sum(dim=-1)  # [M]
-    image = torch.div(rows, ct * n_word, rounding_mode="floor")  # [M] image of each row (sorted)
     quad = _grouped_quadratic_form(attn, image, image_gram)  # [M]
-    word = rows % (ct * n_word)  # [M] flat (caption, word) index
-    denom = word_norm.reshape(-1).index_select(0, word) * quad.clamp_min(eps * eps).sqrt()
+    denom = word_norm[caption, word] * quad.clamp_min(eps * eps).sqrt()  # [M]
     rel_live = numerator / denom.clamp_min(eps)  # [M]
-    rel = best.reshape(-1).index_put((rows,), rel_live).view(ci, ct, n_word)  # [ci, ct, L]
-    return rel, real, n_queries, int(rows.numel())
+    if inplace:
+        return best.index_put_((caption, word, image), rel_live), n_live  # [ct, L, ci]
+    return best.index_put((caption, word, image), rel_live), n_live
 
 
-def _i2t_relevance(sim, word_mask, region_norm, word_gram, lam, mode, t, eps):
-    """Relevance ``r`` of every region of every (image, caption) pair of a chunk.
+def _i2t_scan(sim, real, region_norm, word_gram, lam, t, eps, inplace):
+    """SCAN image-to-text relevance ``r [ct, ci, R]`` of every region against every caption.
 
     Args:
-        sim: ``[ci, ct, L, R]`` word–region similarities.
-        word_mask: ``[ct, L]`` bool, real words (the context; padding is never attended).
+        sim: ``[ct, L, ci, R]`` similarities.
+        real: ``[ct, L]`` real-word mask (the context: padding is never attended).
         region_norm: ``[ci, R]`` region norms.
         word_gram: ``[ct, L, L]`` word Gram matrices of the captions.
-
-    Returns:
-        ``(r [ci, ct, R], None, n_queries, n_attended)``; all regions are real queries.
     """
-    ci, ct, n_word, n_reg = sim.shape
-    pad = ~word_mask.view(1, ct, n_word, 1)  # [1, ct, L, 1]
-    n_queries = ci * ct * n_reg
-    if mode == "scan":
-        # LeakyReLU, then L2 normalisation over the regions for each word.
-        x = F.leaky_relu(sim, 0.1)  # [ci, ct, L, R]
-        norm = _sqrt_plus_eps(x.square().sum(dim=-1, keepdim=True), eps)  # [ci, ct, L, 1]
-        logits = (x * (lam / norm)).masked_fill(pad, float("-inf"))  # [ci, ct, L, R]
-        attn = torch.softmax(logits, dim=2)  # [ci, ct, L, R], softmax over the real words
-        numerator = (attn * sim).sum(dim=2)  # [ci, ct, R]  = v · c
-        # |c|² = aᵀ H a with the caption's word Gram, batched per caption:
-        # [ci, ct, L, R] -> [ct, L, ci, R] -> [ct, L, ci*R]
-        attn_t = attn.permute(1, 2, 0, 3).reshape(ct, n_word, ci * n_reg)
-        quad = (torch.bmm(word_gram, attn_t) * attn_t).sum(dim=1)  # [ct, ci*R]
-        quad = quad.view(ct, ci, n_reg).transpose(0, 1)  # [ci, ct, R]
-        denom = region_norm.unsqueeze(1) * quad.clamp_min(eps * eps).sqrt()  # [ci, ct, R]
-        rel = numerator / denom.clamp_min(eps)
-        return rel, None, n_queries, n_queries
+    ct, n_word, ci, n_reg = sim.shape
+    x = F.leaky_relu(sim, 0.1)  # [ct, L, ci, R]
+    # L2 normalisation over the regions for each word.
+    norm = _sqrt_plus_eps(x.square().sum(dim=-1, keepdim=True), eps)  # [ct, L, ci, 1]
+    # x·λ/norm, and −inf on padding words in the same pass: [ct, L, 1, 1] bias
+    bias = _padding_bias(real, sim.dtype).view(ct, n_word, 1, 1)
+    logits = torch.addcmul(bias, x, lam / norm)  # [ct, L, ci, R]
+    attn = torch.softmax(logits, dim=1)  # [ct, L, ci, R], softmax over the real words
+    prod = torch.mul(attn, sim, out=logits) if inplace else attn * sim
+    numerator = prod.sum(dim=1)  # [ct, ci, R]  = v · c
+    # |c|² = aᵀ H a with the caption's word Gram, batched per caption:
+    # [ct, L, L] x [ct, L, ci*R] -> [ct, L, ci*R]
+    attn_flat = attn.view(ct, n_word, ci * n_reg)
+    prod = torch.bmm(word_gram, attn_flat)
+    prod = prod.mul_(attn_flat) if inplace else prod * attn_flat
+    quad = prod.sum(dim=1).view(ct, ci, n_reg)  # [ct, ci, R]
+    denom = region_norm.unsqueeze(0) * quad.clamp_min(eps * eps).sqrt()  # [ct, ci, R]
+    return numerator / denom.clamp_min(eps), None
 
-    # ---- uarda mode -------------------------------------------------------------------------
-    best = sim.masked_fill(pad, float("-inf")).amax(dim=2)  # [ci, ct, R] best real word
-    # Live (pair, region) rows in caption-major order, so rows of one caption are contiguous
-    # for the grouped word-Gram product: [ci, ct, R] -> [ct, ci, R]
-    live = (best > t).transpose(0, 1)  # [ct, ci, R]
-    rows = live.reshape(-1).nonzero().squeeze(1)  # [M] flat (caption, image, region) indices
-    if rows.numel() == 0:
-        return best, None, n_queries, 0
-    caption = torch.div(rows, ci * n_reg, rounding_mode="floor")  # [M] (sorted)
-    image = torch.div(rows, n_reg, rounding_mode="floor") % ci  # [M]
-    region = rows % n_reg  # [M]
-    # Similarities of the live rows against all word slots: [ci, ct, R, L] gathered -> [M, L]
-    s_rows = sim.permute(0, 1, 3, 2)[image, caption, region]
-    relevant = (s_rows > t) & word_mask.index_select(0, caption)  # [M, L]
+
+def _i2t_uarda(sim, real, region_norm, word_gram, lam, t, eps, inplace):
+    """uarda-mode image-to-text relevance ``r [ct, ci, R]`` (see cross_attention_scores).
+
+    ``sim`` is region-major here: ``[ct, L, R, ci]``.
+    """
+    ct, n_word, n_reg, ci = sim.shape
+    bias = _padding_bias(real, sim.dtype).view(ct, n_word, 1, 1)  # −inf on padding words
+    # Best real word of every region: [ct, R, ci] -> [ct, ci, R] (a strided view)
+    best = (sim + bias).amax(dim=1).transpose(1, 2)
+    # Live (image, region) rows in caption-major order (rows of one caption are contiguous for
+    # the grouped word-Gram product, rows of one pair consecutive): [ct, ci, R] -> 3 x [M]
+    caption, image, region = (best > t).nonzero(as_tuple=True)
+    n_live = int(caption.numel())
+    if n_live == 0:
+        return best, 0
+    # Similarities of the live rows: [ct, L, R, ci] -> [ct, ci, R, L] gathered -> [M, L]
+    s_rows = sim.permute(0, 3, 2, 1)[caption, image, region]
+    relevant = (s_rows > t) & real.index_select(0, caption)  # [M, L]
     z = (s_rows - t).clamp_min(0.0) * relevant.to(s_rows.dtype)  # [M, L]
     # Normalisation over the regions, per (pair, word): non-live regions have z = 0.
-    pair = image * ct + caption  # [M] flat (image, caption) index
-    sq_sum = z.new_zeros(ci * ct, n_word).index_add_(0, pair, z.square())  # [ci*ct, L]
+    _, pair = torch.unique_consecutive(caption * ci + image, return_inverse=True)  # [M]
+    sq_sum = z.new_zeros(int(pair[-1]) + 1, n_word).index_add_(0, pair, z.square())  # [P, L]
     norm = _sqrt_plus_eps(sq_sum, eps).index_select(0, pair)  # [M, L]
     logits = (z * (lam / norm)).masked_fill(~relevant, float("-inf"))  # [M, L]
     attn = torch.softmax(logits, dim=-1)  # [M, L]  masked softmax over relevant real words
@@ -413,11 +556,14 @@ def _i2t_relevance(sim, word_mask, region_norm, word_gram, lam, mode, t, eps):
     quad = _grouped_quadratic_form(attn, caption, word_gram)  # [M]
     denom = region_norm[image, region] * quad.clamp_min(eps * eps).sqrt()  # [M]
     rel_live = numerator / denom.clamp_min(eps)  # [M]
-    flat = pair * n_reg + region  # [M] index into [ci, ct, R]
-    rel = best.reshape(-1).index_put((flat,), rel_live).view(ci, ct, n_reg)  # [ci, ct, R]
-    return rel, None, n_queries, int(rows.numel())
+    if inplace:
+        return best.index_put_((caption, image, region), rel_live), n_live  # [ct, ci, R]
+    return best.index_put((caption, image, region), rel_live), n_live
 
 
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
 def _sqrt_plus_eps(square_sum, eps):
     """SCAN's L2 norm ``sqrt(Σ x²) + eps``, with a zero (not NaN) gradient where ``Σ x² = 0``.
 
@@ -426,6 +572,27 @@ def _sqrt_plus_eps(square_sum, eps):
     value that matters (``sqrt(tiny) ≪ eps``) and keeps ``0 · ∞`` out of the backward pass.
     """
     return square_sum.clamp_min(torch.finfo(square_sum.dtype).tiny).sqrt() + eps
+
+
+def _padding_bias(real, dtype):
+    """``[ct, L]`` additive bias: 0 for real words, −inf for padding."""
+    return torch.zeros(real.shape, dtype=dtype, device=real.device).masked_fill_(
+        ~real, float("-inf")
+    )
+
+
+def _per_image_quadratic_form(attn, image_gram, inplace):
+    """``a ᵀ G_i a`` for every (caption, word, image) row of ``attn [ct, L, ci, R]``.
+
+    One batched matmul per chunk, batched over the images: the rows of image ``i`` are the
+    strided view ``attn[:, :, i, :]`` (no copy): [ct, L, ci, R] -> [ct*L, ci, R] -> [ci, ct*L, R]
+    """
+    ct, n_word, ci, n_reg = attn.shape
+    rows = attn.view(ct * n_word, ci, n_reg).transpose(0, 1)  # [ci, ct*L, R]
+    prod = torch.bmm(rows, image_gram)  # [ci, ct*L, R]
+    prod = prod.mul_(rows) if inplace else prod * rows
+    # [ci, ct*L] -> [ct*L, ci] -> [ct, L, ci]
+    return prod.sum(dim=-1).transpose(0, 1).reshape(ct, n_word, ci)
 
 
 def _grouped_quadratic_form(vectors, group, gram):
@@ -451,17 +618,17 @@ def _grouped_quadratic_form(vectors, group, gram):
     return (product * vectors).sum(dim=-1)  # [M]
 
 
-def _pool(rel, query_mask, aggregation, lam_lse):
-    """Pool the query relevances ``rel [ci, ct, Q]`` into pair scores ``[ci, ct]``."""
+def _pool(rel, query_mask, aggregation, lam_lse, dim):
+    """Pool query relevances over ``dim`` into pair scores; ``query_mask`` marks real queries."""
     if aggregation == "lse":
         logits = rel * lam_lse
         if query_mask is not None:
             logits = logits.masked_fill(~query_mask, float("-inf"))
-        return torch.logsumexp(logits, dim=-1) / lam_lse
+        return torch.logsumexp(logits, dim=dim) / lam_lse
     if query_mask is None:
-        return rel.mean(dim=-1)
-    weights = query_mask.to(rel.dtype)  # [1, ct, Q]
-    return (rel * weights).sum(dim=-1) / weights.sum(dim=-1)
+        return rel.mean(dim=dim)
+    weights = query_mask.to(rel.dtype)
+    return (rel * weights).sum(dim=dim) / weights.sum(dim=dim)
 
 
 # --------------------------------------------------------------------------------------------
@@ -478,7 +645,7 @@ def _validate_fragments(image_fragments, text_fragments, text_mask):
             raise ValueError(f"{name} is empty (shape {tuple(x.shape)}): nothing to score")
         if not x.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
-        if not bool(torch.isfinite(x).all()):
+        if not _all_finite(x):
             raise ValueError(f"{name} contains NaN or infinite values (padding included)")
     if image_fragments.shape[-1] != text_fragments.shape[-1]:
         raise ValueError(
@@ -499,7 +666,7 @@ def _validate_fragments(image_fragments, text_fragments, text_mask):
         raise ValueError(
             f"text_mask must have shape {(n_txt, n_word)}, got {tuple(text_mask.shape)}"
         )
-    if text_mask.is_floating_point() and not bool(torch.isfinite(text_mask).all()):
+    if text_mask.is_floating_point() and not _all_finite(text_mask):
         raise ValueError("text_mask contains NaN or infinite values")
     mask = text_mask.to(device=text_fragments.device) != 0  # [N_t, L] bool
     empty = (~mask.any(dim=1)).nonzero().flatten()
@@ -510,6 +677,14 @@ def _validate_fragments(image_fragments, text_fragments, text_mask):
             "remove them or give them at least one token"
         )
     return mask
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """No NaN or ±inf in ``x``: one reduction pass (min and max propagate NaN)."""
+    if x.numel() == 0:
+        return True
+    low, high = torch.aminmax(x.detach())
+    return math.isfinite(float(low)) and math.isfinite(float(high))
 
 
 def _per_direction(value, defaults, name):
@@ -531,30 +706,56 @@ def _per_direction(value, defaults, name):
     return out
 
 
-def _plan_chunks(n_img, n_txt, n_reg, n_word, chunk_size, memory_budget_mb, element_size):
-    """Choose ``(images, captions)`` per chunk.
+def _plan_chunks(n_img, n_reg, n_word, chunk_size, memory_budget_mb, element_size, mode):
+    """Choose the images per chunk and the size of the caption chunks.
 
-    The ``[ci, ct, L, R]`` block has ``ci·ct·L·R`` elements; about ``_LIVE_BUFFERS_PER_CHUNK``
+    Returns ``(images_per_chunk, captions_per_chunk or None, max_block_elements)``. A chunk's
+    block ``[ct, Lc, ci, R]`` has ``ct·Lc·ci·R`` elements and about ``_LIVE_BUFFERS_PER_CHUNK``
     such buffers live at once, so the budget allows
-    ``budget / (element_size · _LIVE_BUFFERS_PER_CHUNK)`` elements per block, further capped at
-    ``_MAX_FAST_CHUNK_ELEMENTS`` (cache-friendly). Images are chunked first (up to 128, SCAN's
-    shard size, which keeps the per-image Gram products efficient), captions fill the rest.
+    ``budget / (element_size · _LIVE_BUFFERS_PER_CHUNK)`` elements per block; blocks are further
+    kept near ``_TARGET_CHUNK_ELEMENTS[mode]``. Images are chunked by
+    ``_IMAGES_PER_CHUNK[mode]`` (fewer if one caption's block would not fit); the number of captions
+    per chunk then follows each chunk's caption length (``captions_per_chunk`` is ``None``),
+    unless ``chunk_size`` fixes both.
     """
     if chunk_size is not None:
         ci, ct = (int(c) for c in chunk_size)
         if ci < 1 or ct < 1:
             raise ValueError(f"chunk_size must be two positive integers, got {chunk_size!r}")
-        return min(ci, n_img), min(ct, n_txt)
+        return min(ci, n_img), ct, None
     if not (memory_budget_mb > 0):
         raise ValueError(f"memory_budget_mb must be positive, got {memory_budget_mb}")
     budget_elements = int(memory_budget_mb * 2**20 / (element_size * _LIVE_BUFFERS_PER_CHUNK))
-    max_elements = max(1, min(budget_elements, _MAX_FAST_CHUNK_ELEMENTS))
-    per_pair = n_word * n_reg
-    ci = max(1, min(n_img, 128, max_elements // per_pair))
-    ct = max(1, min(n_txt, max_elements // (per_pair * ci)))
-    if ct == n_txt:  # all captions fit: spend the rest of the budget on images
-        ci = max(1, min(n_img, max_elements // (per_pair * ct)))
-    return ci, ct
+    max_elements = max(1, min(budget_elements, _TARGET_CHUNK_ELEMENTS[mode]))
+    ci = max(1, min(n_img, _IMAGES_PER_CHUNK[mode], max_elements // (n_word * n_reg)))
+    return ci, None, max_elements
+
+
+def _effective_lengths(word_mask):
+    """``[N_t]`` index of the last real word + 1 (the caption length for prefix masks)."""
+    positions = torch.arange(1, word_mask.shape[1] + 1, device=word_mask.device)  # [L]
+    return (word_mask * positions).amax(dim=1)  # [N_t]
+
+
+def _caption_chunks(sorted_lengths, words_per_caption_word, fixed_size, max_elements):
+    """Split captions sorted by length into ``(start, end, Lc)`` chunks.
+
+    ``Lc`` is the chunk's longest caption; a chunk holds about ``max_elements`` block elements
+    (``captions · Lc · words_per_caption_word``, the latter being ``ci·R``), or ``fixed_size``
+    captions when given.
+    """
+    chunks, start, n = [], 0, len(sorted_lengths)
+    while start < n:
+        if fixed_size is not None:
+            end = min(n, start + fixed_size)
+        else:
+            per_caption = sorted_lengths[start] * words_per_caption_word
+            end = min(n, start + max(1, max_elements // per_caption))
+            per_caption = sorted_lengths[end - 1] * words_per_caption_word  # sorted: the longest
+            end = min(end, start + max(1, max_elements // per_caption))
+        chunks.append((start, end, int(sorted_lengths[end - 1])))
+        start = end
+    return chunks
 
 
 # --------------------------------------------------------------------------------------------
@@ -574,7 +775,8 @@ def gaussian_boundary(
     and ``q(t) = 2σ+²σ−² · (ln N(t;μ+,σ+) − ln N(t;μ−,σ−) − ln α)``. The boundary is the root
     where ``q`` crosses zero upwards (relevant density overtakes α × irrelevant density as ``t``
     grows), ``t = (−B + √(B² − 4AC)) / 2A`` — NAAF's formula; it is the larger root when
-    σ+ > σ− and the root between the means otherwise. It is evaluated in the cancellation-free
+    σ+ > σ− (methods.md's phrasing) and the smaller one when σ+ < σ− (the larger one then lies
+    above μ+, where the wider irrelevant tail wins again). It is evaluated in the cancellation-free
     form ``−2C / (B + √(B² − 4AC))`` when ``B > 0``, which also covers σ+ = σ− (``A = 0``: the
     linear solution ``−C/B``).
 
@@ -590,7 +792,8 @@ def gaussian_boundary(
     var_p, var_n = sd_p * sd_p, sd_n * sd_n
     a = var_p - var_n
     b = 2.0 * (mu_p * var_n - mu_n * var_p)
-    c = (mu_n * sd_p) ** 2 - (mu_p * sd_n) ** 2 + 2.0 * var_p * var_n * math.log(sd_n / (alpha * sd_p))
+    c = (mu_n * sd_p) ** 2 - (mu_p * sd_n) ** 2
+    c += 2.0 * var_p * var_n * math.log(sd_n / (alpha * sd_p))
     disc = b * b - 4.0 * a * c
     if disc < 0:
         return midpoint
@@ -610,6 +813,7 @@ def relevance_samples(
     scores: torch.Tensor,
     negative: str = "hardest",
     only_correct: bool = False,
+    positive_mask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Relevant and irrelevant word–region similarity samples of a training batch.
 
@@ -628,6 +832,9 @@ def relevance_samples(
         negative: ``"hardest"`` or ``"easiest"``.
         only_correct: keep only captions whose best image is their own (NAAF's mismatch
             mining), so that the samples reflect what the model already separates.
+        positive_mask: ``[B, B]`` bool, True where image ``i`` matches caption ``c`` (default:
+            the diagonal). Give it when the batch repeats an image, so that a copy of the own
+            image is never taken as the negative.
 
     Returns:
         ``(relevant [n], irrelevant [n])`` detached 1-D tensors (same words, same order).
@@ -643,12 +850,22 @@ def relevance_samples(
         raise ValueError("relevance_samples needs at least 2 pairs (one negative per caption)")
     if negative not in ("hardest", "easiest"):
         raise ValueError(f"negative must be 'hardest' or 'easiest', got {negative!r}")
-    s = scores.detach().clone()  # [B_img, B_txt]
+    s = scores.detach()  # [B_img, B_txt]
     diag = torch.eye(batch, dtype=torch.bool, device=s.device)
-    if negative == "hardest":
-        neg_image = s.masked_fill(diag, float("-inf")).argmax(dim=0)  # [B]
+    if positive_mask is None:
+        positive_mask = diag
+    elif tuple(positive_mask.shape) != (batch, batch):
+        raise ValueError(
+            f"positive_mask must be [{batch}, {batch}], got {tuple(positive_mask.shape)}"
+        )
     else:
-        neg_image = s.masked_fill(diag, float("inf")).argmin(dim=0)  # [B]
+        positive_mask = positive_mask.to(device=s.device, dtype=torch.bool) | diag
+    if bool(positive_mask.all(dim=0).any()):
+        raise ValueError("every caption needs at least one negative image in the batch")
+    if negative == "hardest":
+        neg_image = s.masked_fill(positive_mask, float("-inf")).argmax(dim=0)  # [B]
+    else:
+        neg_image = s.masked_fill(positive_mask, float("inf")).argmin(dim=0)  # [B]
     words = text_fragments.detach()
     regions = image_fragments.detach()
     # Best region per word, against the own image and against the negative image: [B, L]

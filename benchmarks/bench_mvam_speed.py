@@ -6,7 +6,7 @@ machine is noisy: only the ratios are comparable across runs):
 - caption encode throughput (captions/s),
 - training step time (forward + backward + AdamW step on a paired batch).
 
-Usage: python benchmarks/bench_mvam_speed.py [--views 4] [--rounds 5] [--tiny]
+Usage: python benchmarks/bench_mvam_speed.py [--views 4] [--rounds 11] [--tiny] [--out-dir DIR]
 Writes benchmarks/results/mvam_speed.md and .json.
 """
 
@@ -57,7 +57,7 @@ def main():
     parser.add_argument("--encode_batch", type=int, default=256)
     parser.add_argument("--train_batch", type=int, default=128)
     parser.add_argument("--tiny", action="store_true", help="tiny towers and batches: a smoke run of seconds")
-    parser.add_argument("--output", type=Path, default=RESULTS / "mvam_speed")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args()
     vision, text = (TINY_VISION, TINY_TEXT) if args.tiny else (DEFAULT_VISION_CONFIG, DEFAULT_TEXT_CONFIG)
     encode_batch, train_batch = (8, 8) if args.tiny else (args.encode_batch, args.train_batch)
@@ -117,9 +117,9 @@ def main():
     ]
     text_out = "\n".join(table)
     print(text_out)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.with_suffix(".md").write_text(text_out + "\n")
-    args.output.with_suffix(".json").write_text(json.dumps({"rows": rows, "ratios": ratios, "tiny": args.tiny}, indent=2))
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "mvam_speed.md").write_text(text_out + "\n")
+    (args.out_dir / "mvam_speed.json").write_text(json.dumps({"rows": rows, "ratios": ratios, "tiny": args.tiny}, indent=2))
 
 
 if __name__ == "__main__":

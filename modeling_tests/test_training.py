@@ -1,0 +1,340 @@
+"""training/run.py and training/check_folder.py end to end, on tiny backbones and tiny data.
+
+Runs go through ``run.main(argv)`` in this process (fast); every output folder is then reloaded in a
+fresh process, through ``AutoModel``/``AutoProcessor`` with ``trust_remote_code=True``, and
+re-evaluated by ``check_folder.py`` against its ``eval_results.json``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file
+
+from conftest import TINY_TEXT, TINY_VISION, run_fresh_python
+from hf_mvam import hub
+from hf_mvam.data.synthetic import generate_synthetic_benchmark
+from hf_mvam.training_utils import TrainerState, latest_checkpoint, list_checkpoints
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"training_{name}", REPO / "training" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+run = load_script("run")
+
+TINY = ["--vision_config", json.dumps(TINY_VISION), "--text_config", json.dumps(TINY_TEXT), "--projection_dim", "16"]
+SYNTHETIC = ["--num_train_images", "32", "--num_validation_images", "8", "--num_test_images", "16"]
+FAST = ["--per_device_train_batch_size", "8", "--max_steps", "4", "--eval_steps", "2", "--save_steps", "2",
+        "--warmup_steps", "1", "--learning_rate", "1e-3", "--report_to", "none"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def synthetic_cache(tmp_path_factory):
+    """Keep the generated benchmark out of the user's cache (subprocesses inherit it too)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_MVAM_CACHE", str(tmp_path_factory.mktemp("hf_mvam_cache")))
+        yield
+
+
+def train(*argv) -> dict:
+    """run.py's main in this process; accelerate's process-wide state is reset afterwards."""
+    try:
+        return run.main([str(arg) for arg in argv])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(Path(folder) / "model.safetensors")
+
+
+# --- data written the way users have it ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    """A few synthetic scenes with 5 captions each, to write out as image files."""
+    return generate_synthetic_benchmark(num_train=24, num_validation=0, num_test=8, seed=3)
+
+
+@pytest.fixture(scope="module")
+def imagefolder(scenes, tmp_path_factory):
+    """train/ and test/ folders with metadata.jsonl, plus one corrupt image in train/."""
+    root = tmp_path_factory.mktemp("imagefolder")
+    for split in ("train", "test"):
+        folder = root / split
+        folder.mkdir()
+        rows = []
+        for i, example in enumerate(scenes[split]):
+            example["image"].save(folder / f"{i}.png")
+            rows.append({"file_name": f"{i}.png", "captions": example["captions"]})
+        if split == "train":
+            (folder / "corrupt.png").write_bytes(b"this is not a png")
+            rows.append({"file_name": "corrupt.png", "captions": ["never read"]})
+        (folder / "metadata.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def karpathy(scenes, tmp_path_factory):
+    """A Karpathy split JSON (train/val/test) and its image folder."""
+    root = tmp_path_factory.mktemp("karpathy")
+    (root / "images").mkdir()
+    entries = []
+    for split, karpathy_split in (("train", "train"), ("test", "val"), ("test", "test")):
+        for i, example in enumerate(scenes[split]):
+            name = f"{split}_{i}.png"
+            example["image"].save(root / "images" / name)
+            entries.append({"filename": name, "split": karpathy_split, "sentences": [{"raw": c} for c in example["captions"]]})
+    (root / "dataset.json").write_text(json.dumps({"images": entries}))
+    return root / "dataset.json", root / "images"
+
+
+@pytest.fixture(scope="module")
+def scan_features(tmp_path_factory):
+    """SCAN's precomputed layout: {split}_ims.npy (N x R x F) and {split}_caps.txt (5 per image)."""
+    root = tmp_path_factory.mktemp("scan")
+    rng = np.random.default_rng(0)
+    words = ["red", "blue", "green", "circle", "square", "star", "small", "large"]
+    for split, n in (("train", 16), ("test", 8)):
+        np.save(root / f"{split}_ims.npy", rng.standard_normal((n, 6, 12)).astype(np.float32))
+        captions = [" ".join(rng.choice(words, 4)) for _ in range(5 * n)]
+        (root / f"{split}_caps.txt").write_text("\n".join(captions) + "\n")
+    return root
+
+
+# --- the runs (one per kind of data; the checks below share them) -------------------------------
+
+
+@pytest.fixture(scope="module")
+def pushed(tmp_path_factory):
+    """MVAM on the synthetic benchmark, pushed to a (fake) Hub: the network calls are recorded."""
+    folder = tmp_path_factory.mktemp("mvam_synthetic")
+    calls = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("huggingface_hub.HfApi.create_repo", lambda self, repo_id, **kw: calls.append(("create_repo", repo_id, kw)) or f"https://hf.co/{repo_id}")
+        patch.setattr("huggingface_hub.HfApi.upload_folder", lambda self, **kw: calls.append(("upload_folder", kw["repo_id"], kw)))
+        results = train("--output_dir", folder, *TINY, *SYNTHETIC, *FAST, "--push_to_hub", "--hub_model_id", "someone/tiny-mvam", "--hub_token", "hf_secret")
+    return folder, results, calls
+
+
+@pytest.fixture(scope="module")
+def uarda_synthetic(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("uarda_synthetic")
+    return folder, train("--output_dir", folder, "--model_type", "uarda", *TINY, *SYNTHETIC, *FAST)
+
+
+@pytest.fixture(scope="module")
+def mvam_imagefolder(imagefolder, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mvam_imagefolder")
+    logger = logging.getLogger("hf_mvam.run")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        results = train("--output_dir", folder, "--data", imagefolder, *TINY, *FAST, "--all_pairs")
+    finally:
+        logger.removeHandler(handler)
+    return folder, results, [record.getMessage() for record in records]
+
+
+@pytest.fixture(scope="module")
+def uarda_karpathy(karpathy, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("uarda_karpathy")
+    json_path, image_root = karpathy
+    return folder, train("--output_dir", folder, "--model_type", "uarda", "--threshold_mode", "scan", "--direction", "both",
+                         "--data", json_path, "--image_root", image_root, *TINY, *FAST)
+
+
+@pytest.fixture(scope="module")
+def uarda_features(scan_features, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("uarda_features")
+    return folder, train("--output_dir", folder, "--model_type", "uarda", "--data", scan_features, "--text_config", json.dumps(TINY_TEXT), *FAST)
+
+
+def test_mvam_synthetic_folder_checkpoints_and_push(pushed):
+    folder, results, calls = pushed
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"] == "modeling_mvam.MVAMModel"
+    for name in ("model.safetensors", "modeling_mvam.py", "processor_config.json", "tokenizer.json", "README.md", "figures/view_attention.png"):
+        assert (folder / name).is_file(), name
+    assert json.loads((folder / "eval_results.json").read_text()) == pytest.approx(results)
+    assert {"rsum", "i2t_R@1", "t2i_R@10", "pair_acc/all"} <= set(results)
+    readme = (folder / "README.md").read_text()
+    assert "figures/view_attention.png" in readme and "| num_views | 4 |" in readme
+    recorded = json.loads((folder / "training_args.json").read_text())
+    assert recorded["eval_split"] == "test" and "hub_token" not in recorded["training"]
+    # checkpoints at 2 and 4, each complete, with the processor and the trainer state
+    checkpoints = list_checkpoints(folder / "checkpoints")
+    assert [c.name for c in checkpoints] == ["checkpoint_2", "checkpoint_4"]
+    assert TrainerState.from_file(checkpoints[-1] / "trainer_state.json").global_step == 4
+    assert (checkpoints[-1] / "processor" / "tokenizer.json").is_file()
+    # the Hub upload: this folder, this repo, the token, and never the checkpoints
+    assert [call[:2] for call in calls] == [("create_repo", "someone/tiny-mvam"), ("upload_folder", "someone/tiny-mvam")]
+    upload = calls[1][2]
+    assert Path(upload["folder_path"]) == folder and "checkpoints/*" in upload["ignore_patterns"]
+    sent = hub.list_upload_files(folder)
+    assert "model.safetensors" in sent and "README.md" in sent and not any(f.startswith("checkpoints/") for f in sent)
+
+
+def test_uarda_synthetic_logs_and_plots_the_threshold(uarda_synthetic):
+    folder, results = uarda_synthetic
+    for name in ("relevance_histograms", "threshold_trajectory", "word_region_attention"):
+        assert (folder / "figures" / f"{name}.png").is_file(), name
+    state = TrainerState.from_file(latest_checkpoint(folder / "checkpoints") / "trainer_state.json")
+    assert [step for step, _ in state.threshold_history] == [1, 2, 3, 4]
+    assert "learned_threshold" in (folder / "README.md").read_text()
+    assert 0 <= results["rsum"] <= 600
+
+
+def test_corrupt_image_is_skipped_and_counted(mvam_imagefolder):
+    folder, results, messages = mvam_imagefolder
+    assert any("skipped 1 unusable image" in message for message in messages), messages
+    assert any("corrupt.png" in message and "cannot read image" in message for message in messages), messages
+    assert (folder / "eval_results.json").is_file() and results["rsum"] >= 0
+
+
+def test_karpathy_and_precomputed_features(uarda_karpathy, uarda_features):
+    for folder, results in (uarda_karpathy, uarda_features):
+        assert json.loads((folder / "eval_results.json").read_text()) == pytest.approx(results)
+    assert json.loads((uarda_features[0] / "config.json").read_text())["image_feature_dim"] == 12
+
+
+def test_every_folder_reloads_in_a_fresh_process_and_reproduces_its_metrics(
+    pushed, uarda_synthetic, mvam_imagefolder, uarda_karpathy, uarda_features
+):
+    folders = [str(run[0]) for run in (pushed, uarda_synthetic, mvam_imagefolder, uarda_karpathy, uarda_features)]
+    # Without hf_mvam: AutoModel/AutoProcessor must load everything from the folder itself.
+    out = run_fresh_python(
+        f"""
+        import torch
+        from transformers import AutoModel, AutoProcessor
+        for folder in {folders[:2]!r}:
+            model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+            processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+            batch = processor(text=["a red circle", "a blue square"], images=[torch.zeros(3, 40, 40).numpy().transpose(1, 2, 0)] * 3)
+            with torch.no_grad():
+                print(type(model).__module__.split(".")[0], tuple(model(**batch).logits_per_image.shape))
+        """,
+        cwd=str(REPO),
+    )
+    assert out.split("\n")[:2] == ["transformers_modules (3, 2)"] * 2
+    # check_folder.py (which re-evaluates with hf_mvam's evaluation code), in one fresh process.
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys, check_folder; sys.exit(max(check_folder.main([f]) for f in sys.argv[1:]))", *folders],
+        cwd=REPO / "training",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("OK: all") == len(folders)
+    assert "caption 0" in result.stdout  # the similarity table
+
+
+# --- resume --------------------------------------------------------------------------------------
+
+
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    """Run A: 6 steps, 2 batches per step, 2 steps per epoch, checkpoints every 3 steps (dropout on).
+    Run B starts from A's checkpoint_3 (mid-epoch), beside the half-written folder a process killed
+    while saving step 6 would leave, and must end with A's weights, exactly."""
+    common = [*TINY, *SYNTHETIC, "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2",
+              "--max_steps", "6", "--save_steps", "3", "--eval_steps", "100", "--save_total_limit", "3",
+              "--warmup_steps", "2", "--learning_rate", "1e-3", "--report_to", "none"]
+    first, second = tmp_path / "a", tmp_path / "b"
+    train("--output_dir", first, *common)
+    shutil.copytree(first / "checkpoints" / "checkpoint_3", second / "checkpoints" / "checkpoint_3")
+    partial = second / "checkpoints" / ".tmp-checkpoint_6"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"half written")
+    assert latest_checkpoint(second / "checkpoints").name == "checkpoint_3"
+    assert TrainerState.from_file(second / "checkpoints" / "checkpoint_3" / "trainer_state.json").batch_in_epoch == 2
+
+    train("--output_dir", second, *common, "--resume_from_checkpoint", "latest")
+
+    a, b = weights(first), weights(second)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[name], b[name]) for name in a), [n for n in a if not torch.equal(a[n], b[n])]
+    assert json.loads((first / "eval_results.json").read_text()) == json.loads((second / "eval_results.json").read_text())
+    assert not partial.exists() and [c.name for c in list_checkpoints(second / "checkpoints")] == ["checkpoint_3", "checkpoint_6"]
+
+
+def test_a_fresh_start_removes_the_checkpoints_of_an_earlier_run(tmp_path):
+    old = tmp_path / "checkpoints" / "checkpoint_9"
+    (old / "processor").mkdir(parents=True)
+    (old / "trainer_state.json").write_text(TrainerState(global_step=9).to_json())
+    accelerator = Accelerator(cpu=True)
+    try:
+        *_, resuming = run.parse_arguments(["--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
+        assert run.starting_checkpoint(resuming, accelerator) == old
+        *_, fresh = run.parse_arguments(["--output_dir", str(tmp_path)])
+        assert run.starting_checkpoint(fresh, accelerator) is None and not old.exists()
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+# --- arguments and data that must be refused before training ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model_type", "clip"], "invalid choice: 'clip'"),
+        (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be >= 1, got 0"),
+        (["--eval_steps", "0"], "--eval_steps must be >= 1"),
+        (["--save_steps", "-1"], "--save_steps must be >= 1"),
+        (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
+        (["--vision_config", "{not json"], "--vision_config is not valid JSON"),
+        (["--text_config", '{"hidden_size": 8}'], "--text_config must be a JSON object with a 'model_type'"),
+        (["--vision_model_name_or_path", "some/model"], "--vision_model_name_or_path and --text_model_name_or_path go together"),
+        (["--resume_from_checkpoint", "/no/such/checkpoint"], "neither 'latest' nor an existing folder"),
+    ],
+)
+def test_bad_arguments_are_refused_with_their_message(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        run.parse_arguments(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_arguments_from_json_and_yaml(tmp_path):
+    options = {"model_type": "uarda", "threshold_mode": "scan", "max_steps": 7, "num_test_images": 20, "all_pairs": True}
+    (tmp_path / "args.json").write_text(json.dumps(options))
+    (tmp_path / "args.yaml").write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in options.items()))
+    for path in ("args.json", "args.yaml"):
+        model_args, data_args, train_args = run.parse_arguments([str(tmp_path / path)])
+        assert (model_args.model_type, model_args.threshold_mode, train_args.max_steps) == ("uarda", "scan", 7)
+        assert (data_args.num_test_images, data_args.all_pairs) == (20, True)
+
+
+def test_bad_data_is_refused_before_training(tmp_path, imagefolder, scan_features):
+    cases = [
+        (["--data", tmp_path / "missing_folder"], "does not exist"),
+        (["--data", imagefolder, "--caption_column", "alt"], "caption column 'alt'"),
+        (["--data", scan_features], "only --model_type uarda"),
+        (["--per_device_train_batch_size", "64"], "fewer than --per_device_train_batch_size 64"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            train("--output_dir", tmp_path / "out", *TINY, *SYNTHETIC, *FAST, *argv)
+        assert not (tmp_path / "out" / "checkpoints").exists()

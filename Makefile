@@ -14,8 +14,11 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# The main job: train MVAM on the built-in synthetic benchmark, evaluate, write the hub-ready
+# folder, then reload it with AutoModel in a fresh process and check its metrics.
 demo: venv
-	$(PY) training/demo.py
+	$(PY) training/run.py --output_dir outputs/mvam-synthetic
+	$(PY) training/check_folder.py outputs/mvam-synthetic
 
 test: venv
 	$(PY) -m pytest modeling_tests -q

@@ -107,7 +107,7 @@ def _mean_std(values: list[float]) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=600, help="training steps per run (same for every contender)")
+    parser.add_argument("--steps", type=int, default=250, help="training steps per run (same for every contender)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--skip_ablations", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="tiny towers and data, 2 steps: a smoke run")

@@ -1,0 +1,29 @@
+"""The benchmark scripts run end to end in their tiny configuration, so they cannot rot."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_run_all_tiny_writes_every_table(tmp_path):
+    env = {**os.environ, "HF_MVAM_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(
+        [sys.executable, "benchmarks/run_all.py", "--tiny", "--results", str(tmp_path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for name in ("uarda_scorer", "uarda_scorer_coco", "mvam_speed", "quality", "summary"):
+        assert (tmp_path / f"{name}.md").stat().st_size > 0, name
+    speed = json.loads((tmp_path / "mvam_speed.json").read_text())
+    assert speed["ratios"]["encode_images_ratio"] > 0
+    quality = json.loads((tmp_path / "quality.json").read_text())
+    assert set(quality) >= {"K=1 (CLIP-style)", "MVAM K=4", "SCAN (scan mode)", "UARDA (uarda mode)", "ablation K=8"}
+    assert 0 <= quality["ablation K=8"]["image_overlap"] <= 1
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| MVAM K=4 |" in summary and "rSum" in summary

@@ -191,3 +191,16 @@ def test_save_load_keeps_threshold_and_fresh_process(tiny_tokenizer, uarda_proce
         cwd=tmp_path,
     )
     assert out.split() == ["UARDAModel", "UARDAProcessor", "0.123"]
+
+
+def test_triplet_loss_hand_computed():
+    from hf_mvam.losses import triplet_loss
+
+    scores = torch.tensor([[0.9, 0.8, 0.1], [0.3, 0.5, 0.6], [0.2, 0.4, 0.7]])  # image i matches caption i
+    # hinge costs relu(0.2 + s_neg - s_pos): image rows (captions as negatives), caption columns (images)
+    per_image = [[0.1, 0.0], [0.0, 0.3], [0.0, 0.0]]  # image 0: captions 1, 2; image 1: 0, 2; image 2: 0, 1
+    per_caption = [[0.0, 0.0], [0.5, 0.1], [0.0, 0.1]]  # caption 0: images 1, 2; caption 1: 0, 2; caption 2: 0, 1
+    hardest = sum(max(c) for c in per_image + per_caption) / 3
+    summed = sum(sum(c) for c in per_image + per_caption) / 3
+    assert triplet_loss(scores, 0.2, max_violation=True).item() == pytest.approx(hardest)
+    assert triplet_loss(scores, 0.2, max_violation=False).item() == pytest.approx(summed)

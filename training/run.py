@@ -99,8 +99,11 @@ class ModelArguments:
     aggregation: Literal["lse", "mean"] = option("lse", "UARDA: pooling over the queries.")
     margin: float = option(
         0.2,
-        "UARDA: margin of the hardest-negative triplet loss. Its negatives come from each "
+        "UARDA: margin of the triplet loss. Its negatives come from each "
         "process's own batch (they are not gathered across processes).",
+    )
+    max_violation: bool = option(
+        False, "UARDA: only the hardest negative counts in the triplet loss (SCAN); default sums over all negatives."
     )
 
     def __post_init__(self):
@@ -338,6 +341,7 @@ def build_model(model_args: ModelArguments, processor, train_split):
             direction=model_args.direction,
             aggregation=model_args.aggregation,
             margin=model_args.margin,
+            max_violation=model_args.max_violation,
         )
     if model_args.vision_model_name_or_path:
         return model_class.from_vision_text_pretrained(
@@ -497,6 +501,7 @@ def hyperparameters(model, args, state: TrainerState, num_processes: int) -> dic
             direction=model_args.direction,
             aggregation=model_args.aggregation,
             margin=model_args.margin,
+            max_violation=model_args.max_violation,
             embed_dim=model_args.projection_dim,
         )
     vision = model.config.vision_config

@@ -54,21 +54,24 @@ def contrastive_loss(
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
-def hardest_negative_triplet_loss(scores: torch.Tensor, margin: float) -> torch.Tensor:
-    """VSE++ hinge triplet loss with the hardest in-batch negative in both directions.
+def triplet_loss(scores: torch.Tensor, margin: float, max_violation: bool = True) -> torch.Tensor:
+    """VSE++ hinge triplet loss over in-batch negatives, in both directions.
 
     Args:
         scores: [B, B] image-by-text scores where image ``i`` matches text ``i``.
         margin: the hinge margin (0.2 in SCAN/VSE++).
-    Returns: mean over the batch of the two hinge terms.
+        max_violation: only the hardest negative of each query counts (VSE++/SCAN's
+            ``max_violation``); otherwise the hinge costs of all negatives are summed. Hardest-only
+            stalls when both towers start from random weights; the sum gets them off the ground.
+    Returns: the cost summed over negatives (or the hardest one), averaged over the batch.
     """
     positives = scores.diag()  # [B]
     eye = torch.eye(scores.shape[0], dtype=torch.bool, device=scores.device)
-    negatives = scores.masked_fill(eye, float("-inf"))
-    hardest_text = negatives.max(dim=1).values  # [B] per image: its hardest negative caption
-    hardest_image = negatives.max(dim=0).values  # [B] per caption: its hardest negative image
-    cost = F.relu(margin + hardest_text - positives) + F.relu(margin + hardest_image - positives)
-    return cost.mean()
+    cost_text = F.relu(margin + scores - positives[:, None]).masked_fill(eye, 0)  # [B, B] per image, each caption
+    cost_image = F.relu(margin + scores - positives[None, :]).masked_fill(eye, 0)  # [B, B] per caption, each image
+    if max_violation:
+        return (cost_text.max(dim=1).values + cost_image.max(dim=0).values).mean()
+    return (cost_text.sum() + cost_image.sum()) / scores.shape[0]
 
 
 def attention_overlap(attention: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -32,7 +32,7 @@ from .backbones import (
 )
 from .configuration_uarda import UARDAConfig
 from .cross_attention import RelevanceThreshold, cross_attention_scores, relevance_samples, word_region_attention
-from .losses import hardest_negative_triplet_loss
+from .losses import triplet_loss
 
 
 class UARDAPreTrainedModel(PreTrainedModel):
@@ -48,7 +48,7 @@ class UARDAOutput(ModelOutput):
     """Output of [`UARDAModel`].
 
     Args:
-        loss: hardest-negative triplet loss (with ``return_loss``).
+        loss: triplet loss over in-batch negatives (with ``return_loss``).
         logits_per_image: [N_images, N_texts] cross-attention scores.
         logits_per_text: [N_texts, N_images], the transpose.
         threshold: the relevance threshold used (0-d).
@@ -170,7 +170,7 @@ class UARDAModel(UARDAPreTrainedModel):
         Args:
             input_ids, attention_mask: [N_texts, L] captions.
             pixel_values: [N_images, 3, S, S], or image_features: [N_images, R, F] (exactly one).
-            return_loss: triplet loss with the hardest in-batch negatives; needs paired inputs
+            return_loss: triplet loss over in-batch negatives (see ``max_violation``); needs paired inputs
                 (image i with caption i). In training mode it also updates the relevance
                 threshold from the batch's relevant and hardest-negative similarities.
         """
@@ -187,7 +187,7 @@ class UARDAModel(UARDAPreTrainedModel):
         scores = self.score(image_fragments, text_fragments, text_mask)  # [N_i, N_t]
         loss = None
         if return_loss:
-            loss = hardest_negative_triplet_loss(scores, self.config.margin)
+            loss = triplet_loss(scores, self.config.margin, self.config.max_violation)
             if self.training and scores.shape[0] > 1:
                 relevant, irrelevant = relevance_samples(image_fragments, text_fragments, text_mask, scores)
                 self.relevance_threshold.update(relevant, irrelevant)

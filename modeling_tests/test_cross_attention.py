@@ -472,3 +472,16 @@ def test_benchmark_tiny_runs(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "| contender" in proc.stdout
     assert (tmp_path / "uarda_scorer.json").exists()
+
+
+def test_threshold_does_not_move_while_irrelevant_outscore_relevant():
+    from hf_mvam.cross_attention import RelevanceThreshold
+
+    estimator = RelevanceThreshold(min_samples=16, capacity=64).train()
+    generator = torch.Generator().manual_seed(0)
+    relevant = 0.2 + 0.1 * torch.randn(64, generator=generator)
+    irrelevant = 0.4 + 0.1 * torch.randn(64, generator=generator)
+    assert not estimator.update(relevant, irrelevant)
+    assert estimator.threshold.item() == 0.0 and int(estimator.num_updates) == 0
+    assert estimator.relevant_mean.item() < estimator.irrelevant_mean.item()  # still logged
+    assert estimator.update(irrelevant + 0.5, relevant)  # once separated, it learns

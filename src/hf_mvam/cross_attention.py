@@ -964,6 +964,12 @@ class RelevanceThreshold(nn.Module):
         irr = self.irrelevant_samples[:n_irr].double()
         mu_p, sd_p = float(rel.mean()), float(rel.std())
         mu_n, sd_n = float(irr.mean()), float(irr.std())
+        self.relevant_mean.fill_(mu_p)
+        self.relevant_std.fill_(sd_p)
+        self.irrelevant_mean.fill_(mu_n)
+        self.irrelevant_std.fill_(sd_n)
+        if mu_p <= mu_n:  # not yet separated: no boundary between the two to learn from
+            return False
         estimate = gaussian_boundary(mu_p, sd_p, mu_n, sd_n, self.alpha)
         estimate = min(max(estimate, self.clip[0]), self.clip[1])
         if int(self.num_updates) > 0:
@@ -971,10 +977,6 @@ class RelevanceThreshold(nn.Module):
                 self.threshold
             )
         self.threshold.fill_(estimate)
-        self.relevant_mean.fill_(mu_p)
-        self.relevant_std.fill_(sd_p)
-        self.irrelevant_mean.fill_(mu_n)
-        self.irrelevant_std.fill_(sd_n)
         self.num_updates += 1
         return True
 

@@ -189,7 +189,12 @@ class UARDAModel(UARDAPreTrainedModel):
         if return_loss:
             loss = triplet_loss(scores, self.config.margin, self.config.max_violation)
             if self.training and scores.shape[0] > 1:
-                relevant, irrelevant = relevance_samples(image_fragments, text_fragments, text_mask, scores)
+                # NAAF's irrelevant samples: words against the lowest-scoring image of the batch. The
+                # hardest negative can outscore the match early in training, which would put the
+                # boundary above every relevant similarity.
+                relevant, irrelevant = relevance_samples(
+                    image_fragments, text_fragments, text_mask, scores, negative="easiest"
+                )
                 self.relevance_threshold.update(relevant, irrelevant)
         output = UARDAOutput(
             loss=loss,

@@ -416,7 +416,7 @@ def test_relevance_samples():
     # Make caption b strongly about image b.
     captions[:, :2] = F.normalize(images[:, :2] + 0.05 * captions[:, :2], dim=-1)
     scores = cross_attention_scores(images, captions, mask)
-    rel, irr = relevance_samples(images, captions, mask, scores)
+    rel, irr = relevance_samples(images, captions, mask, scores, negative="hardest")
     assert rel.shape == irr.shape == (int(mask.sum()),)
     assert rel.mean() > irr.mean()
     # Hardest negative of caption 0 = highest-scoring other image.
@@ -433,7 +433,7 @@ def test_relevance_samples():
     positives = torch.eye(6, dtype=torch.bool)
     positives[0, 1] = positives[1, 0] = True
     scores_twin = cross_attention_scores(twin, captions, mask)
-    _, irr_twin = relevance_samples(twin, captions, mask, scores_twin, positive_mask=positives)
+    _, irr_twin = relevance_samples(twin, captions, mask, scores_twin, negative="hardest", positive_mask=positives)
     neg0 = int(scores_twin[2:, 0].argmax()) + 2
     expected = (captions[0, :n0] @ twin[neg0].T).amax(dim=1)
     assert torch.allclose(irr_twin[:n0], expected)

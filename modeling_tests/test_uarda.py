@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -191,6 +193,16 @@ def test_save_load_keeps_threshold_and_fresh_process(tiny_tokenizer, uarda_proce
         cwd=tmp_path,
     )
     assert out.split() == ["UARDAModel", "UARDAProcessor", "0.123"]
+    # The processor class itself loads the folder without transformers asking to run its
+    # auto_map code (a prompt that blocks or fails in scripts).
+    result = subprocess.run(
+        [sys.executable, "-c", "from hf_mvam import UARDAProcessor; "
+         "p = UARDAProcessor.from_pretrained('model'); print(p(text=['a red circle'])['input_ids'].shape[0])"],
+        cwd=tmp_path, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Do you wish to run the custom code" not in result.stdout + result.stderr
+    assert result.stdout.split()[-1] == "1"
 
 
 def test_triplet_loss_hand_computed():

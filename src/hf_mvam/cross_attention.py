@@ -811,7 +811,7 @@ def relevance_samples(
     text_fragments: torch.Tensor,
     text_mask: Optional[torch.Tensor],
     scores: torch.Tensor,
-    negative: str = "hardest",
+    negative: str = "easiest",
     only_correct: bool = False,
     positive_mask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -821,8 +821,10 @@ def relevance_samples(
     captions per image). For every real word of caption ``b``:
 
     * relevant sample: ``max_j s_ij`` against its own image ``b``;
-    * irrelevant sample: ``max_j s_ij`` against the negative image — the highest-scoring other
-      image (``negative="hardest"``) or the lowest-scoring one (``"easiest"``, as NAAF does).
+    * irrelevant sample: ``max_j s_ij`` against the negative image — the lowest-scoring other
+      image (``negative="easiest"``, NAAF's choice and UARDAModel's) or the highest-scoring one
+      (``"hardest"``). Early in training the hardest negative often outscores the match, which
+      would put the boundary above every relevant similarity.
 
     Args:
         image_fragments: ``[B, R, D]``.

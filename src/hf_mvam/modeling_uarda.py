@@ -4,7 +4,7 @@
 Words and image regions are projected to a shared space; every (image, caption) pair is scored
 by SCAN's word–region cross attention (`cross_attention.py`), where UARDA replaces SCAN's fixed
 zero relevance threshold with one learned from the data: the boundary between the distributions
-of relevant (matched) and irrelevant (hardest negative) word–region similarities. Fragments below
+of relevant (matched) and irrelevant (lowest-scoring negative) word–region similarities. Fragments below
 the threshold take no part in the attention, and word queries with no region above it are skipped
 at retrieval time. ``threshold_mode="scan"`` gives the SCAN baseline with the same class.
 
@@ -189,12 +189,8 @@ class UARDAModel(UARDAPreTrainedModel):
         if return_loss:
             loss = triplet_loss(scores, self.config.margin, self.config.max_violation)
             if self.training and scores.shape[0] > 1:
-                # NAAF's irrelevant samples: words against the lowest-scoring image of the batch. The
-                # hardest negative can outscore the match early in training, which would put the
-                # boundary above every relevant similarity.
-                relevant, irrelevant = relevance_samples(
-                    image_fragments, text_fragments, text_mask, scores, negative="easiest"
-                )
+                # NAAF's irrelevant samples: words against the lowest-scoring image of the batch.
+                relevant, irrelevant = relevance_samples(image_fragments, text_fragments, text_mask, scores)
                 self.relevance_threshold.update(relevant, irrelevant)
         output = UARDAOutput(
             loss=loss,

@@ -28,6 +28,14 @@ class ImageTextProcessor(ProcessorMixin):
     def __init__(self, image_processor=None, tokenizer=None, **kwargs):
         super().__init__(image_processor, tokenizer, **kwargs)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, trust_remote_code: bool = False, **kwargs):
+        """Load from a folder or Hub id. The class is already in hand, so its tokenizer and image
+        processor load with transformers' own classes; without ``trust_remote_code=False`` the
+        folder's ``auto_map`` (written for AutoProcessor) makes transformers ask whether to run it.
+        AutoProcessor, loading this class as remote code, passes its own ``trust_remote_code``."""
+        return super().from_pretrained(pretrained_model_name_or_path, trust_remote_code=trust_remote_code, **kwargs)
+
     def __call__(self, text=None, images=None, return_tensors="pt", padding=True, truncation=True, **kwargs):
         if text is None and images is None:
             raise ValueError("pass text=..., images=... or both")

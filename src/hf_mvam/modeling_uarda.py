@@ -172,7 +172,7 @@ class UARDAModel(UARDAPreTrainedModel):
             pixel_values: [N_images, 3, S, S], or image_features: [N_images, R, F] (exactly one).
             return_loss: triplet loss over in-batch negatives (see ``max_violation``); needs paired inputs
                 (image i with caption i). In training mode it also updates the relevance
-                threshold from the batch's relevant and hardest-negative similarities.
+                threshold from the batch's relevant and lowest-scoring-negative similarities (NAAF).
         """
         if input_ids is None:
             raise ValueError("UARDAModel.forward needs input_ids")

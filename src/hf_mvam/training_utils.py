@@ -193,7 +193,7 @@ def training_loss(model, unwrapped, batch: dict) -> torch.Tensor:
     of every process, with gradients (a no-op in one process), so W processes with batch B train
     exactly like one process with batch W*B. It is computed in float32 whatever the autocast dtype.
 
-    UARDA: the model's own hardest-negative triplet loss, with the negatives of the local batch
+    UARDA: the model's own triplet loss (all in-batch negatives, or the hardest with max_violation), with the negatives of the local batch
     (its forward also updates the learned relevance threshold).
 
     Args:

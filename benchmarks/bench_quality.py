@@ -7,7 +7,9 @@ the 1,000-image / 5,000-caption test split):
   SCAN (`scan`); R@1/5/10 both directions, rSum and minimal-pair accuracy, mean ± std over seeds;
 - ablations (first seed): K = 1 / 2 / 4 / 8 views, diversity weight 0 vs the default at K = 4,
   with the view-overlap measure (mean squared cosine between the views' attention maps on
-  test images and captions; 0 = disjoint, 1 = identical).
+  test images and captions; 0 = disjoint, 1 = identical);
+- retrieval time (first seed): the trained UARDA model's test fragments scored in scan mode and
+  in uarda mode at its learned threshold, in this process (seconds, skipped word queries, rSum).
 
 Usage: python benchmarks/bench_quality.py [--steps 200] [--seeds 0 1 2] [--tiny] [--out-dir DIR]
 Writes benchmarks/results/quality.md/.json (and ablations into the same files); the trained

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -43,6 +48,31 @@ def _card(model_type="mvam", **overrides):
 def test_default_template_is_at_repository_root():
     assert hub.DEFAULT_TEMPLATE_PATH == Path(__file__).resolve().parents[1] / "model_cards" / "template.md"
     assert hub.DEFAULT_TEMPLATE_PATH.is_file()
+
+
+def test_installed_wheel_carries_the_template(tmp_path):
+    """A non-editable install has no repository around it: the wheel ships the template."""
+    repo = Path(__file__).resolve().parents[1]
+    source = tmp_path / "source"
+    for name in ("src", "model_cards"):
+        shutil.copytree(repo / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(repo / name, source / name)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), str(source)],
+        check=True, capture_output=True, timeout=300,
+    )
+    (wheel,) = (tmp_path / "dist").glob("hf_mvam-*.whl")
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    code = "import hf_mvam.hub as h; print(h.__file__); print(h.DEFAULT_TEMPLATE_PATH); print(h.DEFAULT_TEMPLATE_PATH.is_file())"
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    module, template, exists = out.stdout.split()
+    assert Path(module).is_relative_to(site)  # the wheel's copy, not the checkout
+    assert Path(template) == site / "hf_mvam" / "model_cards" / "template.md" and exists == "True"
+    assert Path(template).read_text() == (repo / "model_cards" / "template.md").read_text()
 
 
 def test_mvam_card_metadata_has_model_index_with_seven_metrics():

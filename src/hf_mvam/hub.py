@@ -42,8 +42,13 @@ __all__ = [
     "write_model_folder_extras",
 ]
 
-#: The card template at the repository root (``model_cards/template.md``).
-DEFAULT_TEMPLATE_PATH = Path(__file__).resolve().parents[2] / "model_cards" / "template.md"
+#: The card template: ``model_cards/template.md`` of the repository checkout, or the copy an
+#: installed wheel carries as ``hf_mvam/model_cards/template.md`` (see pyproject.toml).
+DEFAULT_TEMPLATE_PATH = next(
+    (path for path in (Path(__file__).resolve().parents[2] / "model_cards" / "template.md",
+                       Path(__file__).resolve().parent / "model_cards" / "template.md") if path.is_file()),
+    Path(__file__).resolve().parents[2] / "model_cards" / "template.md",
+)
 
 #: eval_results key -> (model-index metric type, human-readable metric name). Values are percent.
 RETRIEVAL_METRICS: dict[str, tuple[str, str]] = {
@@ -120,8 +125,7 @@ def build_model_card(
     Raises:
         ValueError: unknown ``model_type``, a figure path that is absolute or leaves the folder,
             or a non-numeric retrieval metric.
-        FileNotFoundError: the template does not exist (e.g. the default one, when the package is
-            installed without the repository checkout).
+        FileNotFoundError: the template does not exist.
     """
     kind = model_type.lower()
     if kind not in _MODEL_TYPES:
@@ -130,8 +134,8 @@ def build_model_card(
     template_path = Path(template_path) if template_path is not None else DEFAULT_TEMPLATE_PATH
     if not template_path.is_file():
         raise FileNotFoundError(
-            f"model card template not found at {template_path} (the default lives in model_cards/template.md "
-            "of the hf-mvam repository); pass template_path="
+            f"model card template not found at {template_path} (the default is model_cards/template.md of "
+            "the hf-mvam repository, installed as hf_mvam/model_cards/template.md); pass template_path=... to use another one"
         )
 
     dataset_type = dataset_id or _slug(dataset_name)

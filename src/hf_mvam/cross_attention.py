@@ -483,16 +483,10 @@ def _t2i_uarda(sim, real, word_norm, image_gram, lam, t, eps, inplace):
     s_rows = sim.permute(0, 1, 3, 2)[caption, word, image]
     z = (s_rows - t).clamp_min(0.0)  # [M, R]  relu(s - t)
     # Normalisation over the words, per (pair, region): skipped and padding words have z = 0,
-    # so summing over the live rows only is exact. Rows of a pair are consecutive.
-    _, pair = torch.unique_consecutive(image * ct + caption, return_inverse=True)  # [M]
-    sq_sum = z.new_zeros(int(pair[-1]) + 1, n_reg).index_add_(0, pair, z.square())  # [P, R]
-    norm = _sqrt_plus_eps(sq_sum, eps).index_select(0, pair)  # [M, R]
-    logits = (z * (lam / norm)).masked_fill(s_rows <= t, float("-inf"))  # [M, R]
-    attn = torch.softmax(logits, dim=-1)  # [M, R]  masked softmax over the relevant regions
-    numerator = (attn * s_rows).sum(dim=-1)  # [M]
-    quad = _grouped_quadratic_form(attn, image, image_gram)  # [M]
-    denom = word_norm[caption, word] * quad.clamp_min(eps * eps).sqrt()  # [M]
-    rel_live = numerator / denom.clamp_min(eps)  # [M]
+    # so summing over the live rows only is exact.
+    rel_live = _attend_live_rows(
+        s_rows, z, s_rows > t, image * ct + caption, image, image_gram, word_norm[caption, word], lam, eps
+    )  # [M]
     if inplace:
         return best.index_put_((caption, word, image), rel_live), n_live  # [ct, L, ci]
     return best.index_put((caption, word, image), rel_live), n_live
@@ -547,18 +541,40 @@ def _i2t_uarda(sim, real, region_norm, word_gram, lam, t, eps, inplace):
     relevant = (s_rows > t) & real.index_select(0, caption)  # [M, L]
     z = (s_rows - t).clamp_min(0.0) * relevant.to(s_rows.dtype)  # [M, L]
     # Normalisation over the regions, per (pair, word): non-live regions have z = 0.
-    _, pair = torch.unique_consecutive(caption * ci + image, return_inverse=True)  # [M]
-    sq_sum = z.new_zeros(int(pair[-1]) + 1, n_word).index_add_(0, pair, z.square())  # [P, L]
-    norm = _sqrt_plus_eps(sq_sum, eps).index_select(0, pair)  # [M, L]
-    logits = (z * (lam / norm)).masked_fill(~relevant, float("-inf"))  # [M, L]
-    attn = torch.softmax(logits, dim=-1)  # [M, L]  masked softmax over relevant real words
-    numerator = (attn * s_rows).sum(dim=-1)  # [M]
-    quad = _grouped_quadratic_form(attn, caption, word_gram)  # [M]
-    denom = region_norm[image, region] * quad.clamp_min(eps * eps).sqrt()  # [M]
-    rel_live = numerator / denom.clamp_min(eps)  # [M]
+    rel_live = _attend_live_rows(
+        s_rows, z, relevant, caption * ci + image, caption, word_gram, region_norm[image, region], lam, eps
+    )  # [M]
     if inplace:
         return best.index_put_((caption, image, region), rel_live), n_live  # [ct, ci, R]
     return best.index_put((caption, image, region), rel_live), n_live
+
+
+def _attend_live_rows(s_rows, z, relevant, pair_key, group, gram, query_norm, lam, eps):
+    """uarda-mode relevance of the compacted live query rows (both directions).
+
+    Args:
+        s_rows: ``[M, K]`` similarities of each live query to its pair's context fragments.
+        z: ``[M, K]`` ``relu(s - t)``, zero wherever ``relevant`` is False.
+        relevant: ``[M, K]`` context fragments that take part in the attention.
+        pair_key: ``[M]`` pair id of each row; the rows of a pair are consecutive.
+        group: ``[M]`` index into ``gram`` of each row, sorted ascending.
+        gram: ``[G, K, K]`` Gram matrices of the context fragments.
+        query_norm: ``[M]`` norm of each query.
+
+    Returns:
+        ``[M]`` cosines between each query and its attended context vector.
+    """
+    # SCAN's normalisation over the queries of a pair, per context fragment: only live rows can
+    # have z > 0, so summing over them is exact.
+    _, pair = torch.unique_consecutive(pair_key, return_inverse=True)  # [M]
+    sq_sum = z.new_zeros(int(pair[-1]) + 1, z.shape[1]).index_add_(0, pair, z.square())  # [P, K]
+    norm = _sqrt_plus_eps(sq_sum, eps).index_select(0, pair)  # [M, K]
+    logits = (z * (lam / norm)).masked_fill(~relevant, float("-inf"))  # [M, K]
+    attn = torch.softmax(logits, dim=-1)  # [M, K]  masked softmax over the relevant fragments
+    numerator = (attn * s_rows).sum(dim=-1)  # [M]
+    quad = _grouped_quadratic_form(attn, group, gram)  # [M]  |c|²
+    denom = query_norm * quad.clamp_min(eps * eps).sqrt()  # [M]
+    return numerator / denom.clamp_min(eps)  # [M]
 
 
 # --------------------------------------------------------------------------------------------

@@ -78,17 +78,12 @@ def train(name: str, flags: list[str], seed: int, args) -> dict:
 def view_overlap(output_dir: str, num_examples: int = 200) -> dict:
     """Mean view overlap of a trained MVAM folder on test images and their first captions."""
     from hf_mvam import MVAMModel, MVAMProcessor
-    from hf_mvam.data.synthetic import generate_synthetic_benchmark, default_cache_dir
     from hf_mvam.losses import attention_overlap
+    from hf_mvam.training_utils import load_recorded_eval_split
 
-    saved = json.loads((Path(output_dir) / "training_args.json").read_text())
     model = MVAMModel.from_pretrained(output_dir).eval()
     processor = MVAMProcessor.from_pretrained(output_dir)
-    data = saved.get("data", {})
-    test = generate_synthetic_benchmark(
-        num_train=data.get("num_train_images", 10_000), num_validation=data.get("num_validation_images", 500),
-        num_test=data.get("num_test_images", 1_000), seed=0, cache_dir=default_cache_dir(),
-    )["test"].select(range(num_examples))
+    test = load_recorded_eval_split(output_dir)[0].select(range(num_examples))
     batch = processor(text=[c[0] for c in test["captions"]], images=list(test["image"]))
     out = model(**batch, output_attentions=True)
     return {
@@ -102,16 +97,11 @@ def retrieval_time(output_dir: str) -> dict:
     """Test-split retrieval with a trained UARDA folder: the same fragments scored in scan mode and
     in uarda mode at the threshold the model learned (seconds, skipped word queries, rSum)."""
     from hf_mvam import UARDAModel, UARDAProcessor
-    from hf_mvam.data.synthetic import generate_synthetic_benchmark, default_cache_dir
     from hf_mvam.evaluation import encode_split
     from hf_mvam.metrics import retrieval_metrics
+    from hf_mvam.training_utils import load_recorded_eval_split
 
-    saved = json.loads((Path(output_dir) / "training_args.json").read_text())
-    data = saved.get("data", {})
-    test = generate_synthetic_benchmark(
-        num_train=data.get("num_train_images", 10_000), num_validation=data.get("num_validation_images", 500),
-        num_test=data.get("num_test_images", 1_000), seed=0, cache_dir=default_cache_dir(),
-    )["test"]
+    test = load_recorded_eval_split(output_dir)[0]
     model = UARDAModel.from_pretrained(output_dir).eval()
     encoded = encode_split(model, UARDAProcessor.from_pretrained(output_dir), test)
     out = {"threshold": float(model.relevance_threshold.threshold)}

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModel, AutoProcessor
 
 from hf_mvam.evaluation import evaluate_split
-from hf_mvam.training_utils import load_splits
+from hf_mvam.training_utils import TRAINING_ARGS_NAME, load_recorded_eval_split
 
 TOLERANCE = 1e-4
 NUM_EXAMPLES = 4
@@ -49,17 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output_dir", help="a folder written by training/run.py")
     folder = Path(parser.parse_args(argv).output_dir)
-    for name in ("config.json", "eval_results.json", "training_args.json"):
+    for name in ("config.json", "eval_results.json", TRAINING_ARGS_NAME):
         if not (folder / name).is_file():
             parser.error(f"{folder} has no {name}: is it an output folder of training/run.py?")
 
     model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    recorded = json.loads((folder / "training_args.json").read_text())
     expected = json.loads((folder / "eval_results.json").read_text())
-    data = {k: v for k, v in recorded["data"].items() if k != "all_pairs"}
-    splits, dataset_name, _ = load_splits(**data)
-    split = splits[recorded["eval_split"]]
+    split, dataset_name, recorded = load_recorded_eval_split(folder)
     print(f"{type(model).__name__} ({type(model).__module__}) and {type(processor).__name__} loaded from {folder}")
     print(similarity_table(model, processor, split))
 

@@ -43,6 +43,7 @@ from hf_mvam.evaluation import evaluate_split
 from hf_mvam.training_utils import (
     PROCESSOR_DIR,
     TRAINER_STATE_NAME,
+    TRAINING_ARGS_NAME,
     TrainerState,
     latest_checkpoint,
     load_checkpoint,
@@ -57,7 +58,6 @@ from hf_mvam.training_utils import (
 logger = get_logger("hf_mvam.run")
 
 MODEL_CLASSES = {"mvam": (MVAMConfig, MVAMModel, MVAMProcessor), "uarda": (UARDAConfig, UARDAModel, UARDAProcessor)}
-ARGS_FILE = "training_args.json"
 
 
 # --------------------------------------------------------------------------- arguments
@@ -481,7 +481,7 @@ def save_arguments(folder: Path, args, eval_split: str, final_step: int) -> None
         "eval_split": eval_split,
         "final_step": final_step,
     }
-    (folder / ARGS_FILE).write_text(json.dumps(recorded, indent=2) + "\n")
+    (folder / TRAINING_ARGS_NAME).write_text(json.dumps(recorded, indent=2) + "\n")
 
 
 def hyperparameters(model, args, state: TrainerState, num_processes: int) -> dict:

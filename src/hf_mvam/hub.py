@@ -44,10 +44,9 @@ __all__ = [
 
 #: The card template: ``model_cards/template.md`` of the repository checkout, or the copy an
 #: installed wheel carries as ``hf_mvam/model_cards/template.md`` (see pyproject.toml).
-DEFAULT_TEMPLATE_PATH = next(
-    (path for path in (Path(__file__).resolve().parents[2] / "model_cards" / "template.md",
-                       Path(__file__).resolve().parent / "model_cards" / "template.md") if path.is_file()),
-    Path(__file__).resolve().parents[2] / "model_cards" / "template.md",
+_CHECKOUT_TEMPLATE = Path(__file__).resolve().parents[2] / "model_cards" / "template.md"
+DEFAULT_TEMPLATE_PATH = (
+    _CHECKOUT_TEMPLATE if _CHECKOUT_TEMPLATE.is_file() else Path(__file__).resolve().parent / "model_cards" / "template.md"
 )
 
 #: eval_results key -> (model-index metric type, human-readable metric name). Values are percent.

@@ -37,6 +37,7 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "load_recorded_eval_split",
     "load_splits",
     "save_checkpoint",
     "save_figures",
@@ -48,6 +49,7 @@ __all__ = [
 CHECKPOINT_PREFIX = "checkpoint_"
 TRAINER_STATE_NAME = "trainer_state.json"
 PROCESSOR_DIR = "processor"  # inside every checkpoint: a trained tokenizer must come back as it was
+TRAINING_ARGS_NAME = "training_args.json"  # in the model folder: every argument of the run
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 SYNTHETIC_BENCHMARK_SEED = 0  # the benchmark stays the same whatever the training seed
 
@@ -84,6 +86,19 @@ def load_splits(
         data, image_root=image_root, image_column=image_column, caption_column=caption_column
     )
     return splits, data, stats
+
+
+def load_recorded_eval_split(folder: str | os.PathLike):
+    """The split a model folder written by ``training/run.py`` was evaluated on, loaded again from
+    the data settings its ``training_args.json`` records.
+
+    Returns:
+        ``(split, dataset_name, recorded)``, ``recorded`` being the parsed ``training_args.json``.
+    """
+    recorded = json.loads((Path(folder) / TRAINING_ARGS_NAME).read_text())
+    data = {k: v for k, v in recorded["data"].items() if k != "all_pairs"}  # a sampling option, not data
+    splits, dataset_name, _ = load_splits(**data)
+    return splits[recorded["eval_split"]], dataset_name, recorded
 
 
 # --------------------------------------------------------------------------- trainer state

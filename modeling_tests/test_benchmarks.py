@@ -25,5 +25,10 @@ def test_run_all_tiny_writes_every_table(tmp_path):
     quality = json.loads((tmp_path / "quality.json").read_text())
     assert set(quality) >= {"K=1 (CLIP-style)", "MVAM K=4", "SCAN (scan mode)", "UARDA (uarda mode)", "ablation K=8"}
     assert 0 <= quality["ablation K=8"]["image_overlap"] <= 1
+    timing = quality["uarda retrieval time"]  # the trained UARDA model scored in both modes
+    assert timing["scan"]["skipped"] == 0 and 0 <= timing["uarda"]["skipped"] <= 1
+    scorer = json.loads((tmp_path / "uarda_scorer.json").read_text())
+    sweep = [row for row in scorer["rows"] if "(sweep)" in row["contender"]]
+    assert len(sweep) == 3 and all(0 <= row["skipped_word_queries"] <= 1 for row in sweep)
     summary = (tmp_path / "summary.md").read_text()
     assert "| MVAM K=4 |" in summary and "rSum" in summary

@@ -202,6 +202,8 @@ def test_save_load_keeps_threshold_and_fresh_process(tiny_tokenizer, uarda_proce
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Do you wish to run the custom code" not in result.stdout + result.stderr
+    # ... nor warns that the folder's model type is not the one being instantiated.
+    assert "to instantiate a model of type" not in result.stdout + result.stderr
     assert result.stdout.split()[-1] == "1"
 
 

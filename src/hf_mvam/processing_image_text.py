@@ -8,6 +8,7 @@ siblings of its folder.
 from __future__ import annotations
 
 from transformers import BatchFeature, ProcessorMixin
+from transformers.utils import logging
 
 from .image_loading import load_image
 
@@ -34,7 +35,16 @@ class ImageTextProcessor(ProcessorMixin):
         processor load with transformers' own classes; without ``trust_remote_code=False`` the
         folder's ``auto_map`` (written for AutoProcessor) makes transformers ask whether to run it.
         AutoProcessor, loading this class as remote code, passes its own ``trust_remote_code``."""
-        return super().from_pretrained(pretrained_model_name_or_path, trust_remote_code=trust_remote_code, **kwargs)
+        # Without remote code, AutoTokenizer reads config.json as a plain PretrainedConfig (model
+        # type "") and warns that it differs from the folder's model type. The tokenizer's class
+        # comes from tokenizer_config.json, so that warning is noise: silenced for this call only.
+        config_logger = logging.get_logger("transformers.configuration_utils")
+        level = config_logger.level
+        config_logger.setLevel(logging.ERROR)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, trust_remote_code=trust_remote_code, **kwargs)
+        finally:
+            config_logger.setLevel(level)
 
     def __call__(self, text=None, images=None, return_tensors="pt", padding=True, truncation=True, **kwargs):
         if text is None and images is None:

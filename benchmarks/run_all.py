@@ -22,6 +22,7 @@ BENCHMARKS = [  # (script, extra flags, the table it writes)
     ("bench_uarda_scorer.py", ["--coco"], "uarda_scorer_coco"),
     ("bench_mvam_speed.py", [], "mvam_speed"),
     ("bench_quality.py", [], "quality"),
+    ("bench_uarda_training.py", [], "uarda_training"),
 ]
 
 

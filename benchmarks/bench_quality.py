@@ -93,9 +93,10 @@ def view_overlap(output_dir: str, num_examples: int = 200) -> dict:
 
 
 @torch.no_grad()
-def retrieval_time(output_dir: str) -> dict:
-    """Test-split retrieval with a trained UARDA folder: the same fragments scored in scan mode and
-    in uarda mode at the threshold the model learned (seconds, skipped word queries, rSum)."""
+def score_in_both_modes(output_dir: str, thresholds=()) -> dict:
+    """A trained UARDA folder's test fragments, scored in scan mode and then in uarda mode at each
+    of ``thresholds`` and at the threshold its RelevanceThreshold learned (ascending), one after
+    the other in this process: seconds, skipped word queries and rSum of each."""
     from hf_mvam import UARDAModel, UARDAProcessor
     from hf_mvam.evaluation import encode_split
     from hf_mvam.metrics import retrieval_metrics
@@ -104,14 +105,26 @@ def retrieval_time(output_dir: str) -> dict:
     test = load_recorded_eval_split(output_dir)[0]
     model = UARDAModel.from_pretrained(output_dir).eval()
     encoded = encode_split(model, UARDAProcessor.from_pretrained(output_dir), test)
-    out = {"threshold": float(model.relevance_threshold.threshold)}
-    for mode in ("scan", "uarda"):
+    learned = float(model.relevance_threshold.threshold)
+    rows = []
+    for mode, threshold in [("scan", None)] + [("uarda", t) for t in sorted({*thresholds, learned})]:
         model.config.threshold_mode = mode
+        if threshold is not None:
+            model.relevance_threshold.threshold.fill_(threshold)
         start = time.perf_counter()
         scores, stats = model.score(encoded.images, encoded.texts, encoded.text_mask, return_stats=True)
-        out[mode] = {"seconds": time.perf_counter() - start, "skipped": stats["t2i_skipped_fraction"],
-                     "rsum": retrieval_metrics(scores, encoded.text_to_image)["rsum"]}
-    return out
+        rows.append({"mode": mode, "threshold": threshold, "learned": threshold == learned,
+                     "seconds": time.perf_counter() - start, "skipped": stats["t2i_skipped_fraction"],
+                     "rsum": retrieval_metrics(scores, encoded.text_to_image)["rsum"]})
+    return {"learned_threshold": learned, "rows": rows}
+
+
+def retrieval_time(output_dir: str) -> dict:
+    """Test-split retrieval with a trained UARDA folder: the same fragments scored in scan mode and
+    in uarda mode at the threshold the model learned (seconds, skipped word queries, rSum)."""
+    result = score_in_both_modes(output_dir)
+    scan, uarda = result["rows"]
+    return {"threshold": result["learned_threshold"], "scan": scan, "uarda": uarda}
 
 
 def _slug(name: str) -> str:

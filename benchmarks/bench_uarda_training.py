@@ -19,43 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
-import torch
-
-from bench_quality import RESULTS, train
+from bench_quality import RESULTS, score_in_both_modes, train
 
 CONTENDERS = {  # name -> run.py flags
     "SCAN (scan mode), mean": ["--model_type", "uarda", "--threshold_mode", "scan", "--aggregation", "mean"],
     "UARDA (uarda mode), mean": ["--model_type", "uarda", "--threshold_mode", "uarda", "--aggregation", "mean"],
 }
 FIXED_THRESHOLDS = (0.1, 0.2, 0.4)
-
-
-@torch.no_grad()
-def threshold_sweep(output_dir: str, thresholds) -> dict:
-    """Score a trained model's test fragments in scan mode and in uarda mode at each threshold."""
-    from hf_mvam import UARDAModel, UARDAProcessor
-    from hf_mvam.evaluation import encode_split
-    from hf_mvam.metrics import retrieval_metrics
-    from hf_mvam.training_utils import load_recorded_eval_split
-
-    test = load_recorded_eval_split(output_dir)[0]
-    model = UARDAModel.from_pretrained(output_dir).eval()
-    encoded = encode_split(model, UARDAProcessor.from_pretrained(output_dir), test)
-    learned = float(model.relevance_threshold.threshold)
-    rows = []
-    for mode, threshold in [("scan", None)] + [("uarda", t) for t in sorted({*thresholds, round(learned, 3)})]:
-        model.config.threshold_mode = mode
-        if threshold is not None:
-            model.relevance_threshold.threshold.fill_(threshold)
-        start = time.perf_counter()
-        scores, stats = model.score(encoded.images, encoded.texts, encoded.text_mask, return_stats=True)
-        rows.append({"mode": mode, "threshold": threshold, "learned": threshold == round(learned, 3),
-                     "seconds": time.perf_counter() - start, "skipped": stats["t2i_skipped_fraction"],
-                     "rsum": retrieval_metrics(scores, encoded.text_to_image)["rsum"]})
-    return {"learned_threshold": learned, "rows": rows}
 
 
 def main():
@@ -69,7 +41,7 @@ def main():
         args.steps = 2
 
     runs = {name: train(name, flags, args.seed, args) for name, flags in CONTENDERS.items()}
-    sweep = threshold_sweep(runs["SCAN (scan mode), mean"]["output_dir"], FIXED_THRESHOLDS)
+    sweep = score_in_both_modes(runs["SCAN (scan mode), mean"]["output_dir"], FIXED_THRESHOLDS)
 
     lines = [f"Synthetic benchmark, {args.steps} steps, seed {args.seed}{' [tiny]' if args.tiny else ''}: both modes "
              "trained with mean pooling over the words (quality.md has the same seed with LogSumExp pooling, the default)",

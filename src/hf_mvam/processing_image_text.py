@@ -13,6 +13,12 @@ from transformers.utils import logging
 from .image_loading import load_image
 
 
+def _drop_model_type_mismatch_warning(record) -> bool:
+    """Logging filter: False (drop) for transformers' "model of type X to instantiate a model of
+    type Y" warning, True for every other record."""
+    return "to instantiate a model of type" not in record.getMessage()
+
+
 class ImageTextProcessor(ProcessorMixin):
     """Image processor + tokenizer, called like CLIP's processor:
     ``processor(text=[...], images=[...], return_tensors="pt", padding=True)``.
@@ -37,14 +43,13 @@ class ImageTextProcessor(ProcessorMixin):
         AutoProcessor, loading this class as remote code, passes its own ``trust_remote_code``."""
         # Without remote code, AutoTokenizer reads config.json as a plain PretrainedConfig (model
         # type "") and warns that it differs from the folder's model type. The tokenizer's class
-        # comes from tokenizer_config.json, so that warning is noise: silenced for this call only.
+        # comes from tokenizer_config.json, so that one warning is noise: filtered for this call.
         config_logger = logging.get_logger("transformers.configuration_utils")
-        level = config_logger.level
-        config_logger.setLevel(logging.ERROR)
+        config_logger.addFilter(_drop_model_type_mismatch_warning)
         try:
             return super().from_pretrained(pretrained_model_name_or_path, trust_remote_code=trust_remote_code, **kwargs)
         finally:
-            config_logger.setLevel(level)
+            config_logger.removeFilter(_drop_model_type_mismatch_warning)
 
     def __call__(self, text=None, images=None, return_tensors="pt", padding=True, truncation=True, **kwargs):
         if text is None and images is None:

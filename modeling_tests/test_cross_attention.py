@@ -65,8 +65,9 @@ def _pool(rel, aggregation, lam_lse):
     return rel.mean()
 
 
-def naive_scores(images, captions, mask, direction, aggregation, mode, t=0.0):
+def naive_scores(images, captions, mask, direction, aggregation, mode, t=0.0, lam_softmax=None):
     """Loop over every (image, caption) pair; captions truncated to their real words."""
+    lam_softmax = lam_softmax or LAM_SOFTMAX
     out = torch.zeros(images.shape[0], captions.shape[0], dtype=images.dtype)
     dirs = ("t2i", "i2t") if direction == "both" else (direction,)
     for i in range(images.shape[0]):
@@ -77,9 +78,9 @@ def naive_scores(images, captions, mask, direction, aggregation, mode, t=0.0):
             for d in dirs:
                 query, context = (words, regions) if d == "t2i" else (regions, words)
                 if mode == "scan":
-                    rel = _scan_pair(query, context, LAM_SOFTMAX[d])
+                    rel = _scan_pair(query, context, lam_softmax[d])
                 else:
-                    rel = _uarda_pair(query, context, LAM_SOFTMAX[d], t)
+                    rel = _uarda_pair(query, context, lam_softmax[d], t)
                 total = total + _pool(rel, aggregation, LAM_LSE[d])
             out[i, c] = total
     return out
@@ -151,6 +152,23 @@ def test_matches_per_pair_reference(mode, t, direction, aggregation):
     )
     ref = naive_scores(images, captions, mask, direction, aggregation, mode, t)
     assert torch.allclose(got, ref, atol=1e-10, rtol=0), (got - ref).abs().max()
+
+
+@pytest.mark.parametrize("lam", [0.5, 20.0, 20.5, 60.0])
+@pytest.mark.parametrize("mode,t", [("scan", 0.0), ("uarda", 0.1)])
+def test_softmax_temperatures_match_reference(mode, t, lam):
+    """Small λ and λ up to 20 take the softmax without max subtraction, larger λ torch.softmax;
+    both equal the per-pair loop (large λ: near-one-hot attention, no overflow)."""
+    images, captions, mask = random_fragments(seed=4)
+    lam_softmax = {"t2i": lam, "i2t": lam}
+    got = cross_attention_scores(images, captions, mask, direction="both", threshold_mode=mode,
+                                 threshold=t, lambda_softmax=lam)
+    ref = naive_scores(images, captions, mask, "both", "lse", mode, t, lam_softmax)
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got, ref, atol=1e-10, rtol=0), (got - ref).abs().max()
+    got32 = cross_attention_scores(images.float(), captions.float(), mask, direction="both",
+                                   threshold_mode=mode, threshold=t, lambda_softmax=lam)
+    assert torch.allclose(got32.double(), ref, atol=1e-5), (got32.double() - ref).abs().max()
 
 
 @pytest.mark.parametrize("mode,t", [("scan", 0.0), ("uarda", 0.1)])

@@ -47,7 +47,10 @@ per-pair loop, the benchmark against SCAN's sharded evaluation loop).
 
 Speed notes (CPU): blocks are kept cache-sized (about 0.5 M elements), padding words are zeroed
 before the product (their similarities are exactly 0, so SCAN's normalisation over the words
-needs no mask pass), intermediates are overwritten in place when no gradient is recorded, and the
+needs no mask pass), the softmax skips its max subtraction when λ is small enough for the bounded
+logits (the normaliser is divided out of the per-row results, not the block; the attended-vector
+cosine is otherwise invariant to it), intermediates are overwritten in place when no gradient is
+recorded, and the
 similarity product uses oneDNN's fp32 GEMM when PyTorch exposes it (``_linear_pointwise``, the
 kernel ``torch.compile`` emits for CPU linear layers), falling back to ``torch.matmul`` otherwise.
 Without gradients, the image operands are prepacked for it once per call (a copy of the image
@@ -97,6 +100,10 @@ _LIVE_BUFFERS_PER_CHUNK = 6
 _TARGET_CHUNK_ELEMENTS = {"scan": 1 << 19, "uarda": 1 << 21}
 # Images per chunk (their region matrix, ci·R × D, is the GEMM operand reused across captions).
 _IMAGES_PER_CHUNK = {"scan": 32, "uarda": 128}
+# Largest softmax λ for which the attention skips the softmax's max subtraction (scan mode's t2i
+# logits lie in [-λ, λ], uarda mode's in [0, λ]; exp(20)² times K² stays far from float32's
+# overflow, and exp(-20) far from its underflow).
+_MAX_LAMBDA_UNSHIFTED_EXP = 20.0
 
 LambdaArg = Union[None, float, Sequence[float], Dict[str, float]]
 
@@ -455,12 +462,22 @@ def _t2i_scan(sim, real, word_norm, image_gram, lam, t, eps, inplace):
     ct, n_word, ci, n_reg = sim.shape
     x = F.leaky_relu(sim, 0.1)  # [ct, L, ci, R]
     # L2 normalisation over the words for each region (padding words contribute 0).
-    norm = _sqrt_plus_eps(x.square().sum(dim=1, keepdim=True), eps)  # [ct, 1, ci, R]
+    norm = _sqrt_plus_eps(torch.linalg.vecdot(x, x, dim=1).unsqueeze(1), eps)  # [ct, 1, ci, R]
     logits = x.mul_(lam / norm) if inplace else x * (lam / norm)  # [ct, L, ci, R]
-    attn = torch.softmax(logits, dim=-1)  # [ct, L, ci, R], softmax over the regions
-    prod = torch.mul(attn, sim, out=logits) if inplace else attn * sim
-    numerator = prod.sum(dim=-1)  # [ct, L, ci]  = w · c
-    quad = _per_image_quadratic_form(attn, image_gram, inplace)  # [ct, L, ci]  = |c|²
+    if lam > _MAX_LAMBDA_UNSHIFTED_EXP:
+        attn = torch.softmax(logits, dim=-1)  # [ct, L, ci, R], softmax over the regions
+        total = None
+    else:
+        # softmax without its max pass and its division pass: |x̂| <= 1 (x over its norm over
+        # the words), so the logits lie in [-λ, λ] and exp cannot overflow; the normaliser
+        # Σ_j exp is divided out of the two per-row results below instead of the whole block.
+        attn = logits.exp_() if inplace else logits.exp()  # [ct, L, ci, R] unnormalised
+        total = attn.sum(dim=-1)  # [ct, L, ci]
+    quad = _per_image_quadratic_form(attn, image_gram)  # [ct, L, ci]  = |c|² (times (Σ exp)²)
+    prod = attn.mul_(sim) if inplace else attn * sim  # attn is not needed after this
+    numerator = prod.sum(dim=-1)  # [ct, L, ci]  = w · c (times Σ exp)
+    if total is not None:
+        numerator, quad = numerator / total, quad / total.square()
     denom = word_norm.unsqueeze(-1) * quad.clamp_min(eps * eps).sqrt()  # [ct, L, ci]
     return numerator / denom.clamp_min(eps), None
 
@@ -504,7 +521,7 @@ def _i2t_scan(sim, real, region_norm, word_gram, lam, t, eps, inplace):
     ct, n_word, ci, n_reg = sim.shape
     x = F.leaky_relu(sim, 0.1)  # [ct, L, ci, R]
     # L2 normalisation over the regions for each word.
-    norm = _sqrt_plus_eps(x.square().sum(dim=-1, keepdim=True), eps)  # [ct, L, ci, 1]
+    norm = _sqrt_plus_eps(torch.linalg.vecdot(x, x).unsqueeze(-1), eps)  # [ct, L, ci, 1]
     # x·λ/norm, and −inf on padding words in the same pass: [ct, L, 1, 1] bias
     bias = _padding_bias(real, sim.dtype).view(ct, n_word, 1, 1)
     logits = torch.addcmul(bias, x, lam / norm)  # [ct, L, ci, R]
@@ -570,9 +587,18 @@ def _attend_live_rows(s_rows, z, relevant, pair_key, group, gram, query_norm, la
     sq_sum = z.new_zeros(int(pair[-1]) + 1, z.shape[1]).index_add_(0, pair, z.square())  # [P, K]
     norm = _sqrt_plus_eps(sq_sum, eps).index_select(0, pair)  # [M, K]
     logits = (z * (lam / norm)).masked_fill(~relevant, float("-inf"))  # [M, K]
-    attn = torch.softmax(logits, dim=-1)  # [M, K]  masked softmax over the relevant fragments
-    numerator = (attn * s_rows).sum(dim=-1)  # [M]
-    quad = _grouped_quadratic_form(attn, group, gram)  # [M]  |c|²
+    if lam > _MAX_LAMBDA_UNSHIFTED_EXP:
+        attn = torch.softmax(logits, dim=-1)  # [M, K]  masked softmax over the relevant fragments
+        numerator = torch.linalg.vecdot(attn, s_rows)  # [M]
+        quad = _grouped_quadratic_form(attn, group, gram)  # [M]  |c|²
+    else:
+        # The masked softmax over the relevant fragments without its max pass (0 <= logits <= λ,
+        # as z is at most its norm over the queries); the normaliser is divided out of the two
+        # per-row results. Every live row has a relevant fragment, so the normaliser is > 0.
+        attn = logits.exp()  # [M, K] unnormalised, 0 on irrelevant fragments
+        total = attn.sum(dim=-1)  # [M]
+        numerator = torch.linalg.vecdot(attn, s_rows) / total  # [M]
+        quad = _grouped_quadratic_form(attn, group, gram) / total.square()  # [M]  |c|²
     denom = query_norm * quad.clamp_min(eps * eps).sqrt()  # [M]
     return numerator / denom.clamp_min(eps)  # [M]
 
@@ -597,7 +623,7 @@ def _padding_bias(real, dtype):
     )
 
 
-def _per_image_quadratic_form(attn, image_gram, inplace):
+def _per_image_quadratic_form(attn, image_gram):
     """``a ᵀ G_i a`` for every (caption, word, image) row of ``attn [ct, L, ci, R]``.
 
     One batched matmul per chunk, batched over the images: the rows of image ``i`` are the
@@ -606,9 +632,8 @@ def _per_image_quadratic_form(attn, image_gram, inplace):
     ct, n_word, ci, n_reg = attn.shape
     rows = attn.view(ct * n_word, ci, n_reg).transpose(0, 1)  # [ci, ct*L, R]
     prod = torch.bmm(rows, image_gram)  # [ci, ct*L, R]
-    prod = prod.mul_(rows) if inplace else prod * rows
-    # [ci, ct*L] -> [ct*L, ci] -> [ct, L, ci]
-    return prod.sum(dim=-1).transpose(0, 1).reshape(ct, n_word, ci)
+    # the row-wise dot (a G) · a as one fused pass: [ci, ct*L] -> [ct*L, ci] -> [ct, L, ci]
+    return torch.linalg.vecdot(prod, rows).transpose(0, 1).reshape(ct, n_word, ci)
 
 
 def _grouped_quadratic_form(vectors, group, gram):

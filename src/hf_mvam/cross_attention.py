@@ -28,8 +28,7 @@ Notation
 words), dimension ``D``. Fragments are L2-normalised, so ``s = w · v`` is a cosine similarity.
 A chunk of ``ct`` captions and ``ci`` images is one matrix product
 ``[ct·L, D] × [D, ci·R] -> [ct·L, ci·R]``, viewed as the block ``[ct, L, ci, R]``
-(caption, word, image, region) that everything else works on — ``[ct, L, R, ci]`` in uarda
-mode, whose one full pass over the block (the max over the regions) is faster that way.
+(caption, word, image, region) that everything else works on.
 
 How a pair is scored without materialising the attended vectors
 ---------------------------------------------------------------
@@ -233,16 +232,12 @@ def cross_attention_scores(
     image_gram = torch.matmul(images, images.transpose(1, 2))  # [N_i, R, R]
     region_norm = images.norm(dim=-1)  # [N_i, R]
 
-    # GEMM operand of every image chunk, [ci*R, D], shared by all caption chunks. Its rows are
-    # image-major (image, region) in scan mode and region-major (region, image) in uarda mode,
-    # where it makes the one full pass over a block, the max over the regions, a reduction over
-    # an outer axis (vectorised over the images) instead of over rows of R.
+    # GEMM operand of every image chunk, [ci*R, D] (rows: image, region), shared by all caption
+    # chunks.
     rows_hint = max_elements // (img_chunk * n_reg) if max_elements else fixed_txt_chunk * n_word
     image_chunks = []
     for i0 in range(0, n_img, img_chunk):
         chunk = images[i0:i0 + img_chunk]  # [ci, R, D]
-        if uarda:
-            chunk = chunk.transpose(0, 1)  # [R, ci, D]
         operand = _region_operand(chunk.reshape(-1, dim), rows_hint, inplace)  # [ci*R, D]
         image_chunks.append((i0, min(i0 + img_chunk, n_img), operand))
 
@@ -266,12 +261,8 @@ def cross_attention_scores(
         t2i_parts, i2t_parts = [], []
         for i0, i1, regions_flat in image_chunks:
             # All word–region similarities of the chunk in one GEMM:
-            # [ct*Lc, D] x [D, ci*R] -> [ct*Lc, ci*R] -> [ct, Lc, ci, R] (uarda: [ct, Lc, R, ci])
-            sim = _similarity(words_flat, regions_flat)
-            if uarda:
-                sim = sim.view(t1 - t0, n_len, n_reg, i1 - i0)
-            else:
-                sim = sim.view(t1 - t0, n_len, i1 - i0, n_reg)
+            # [ct*Lc, D] x [D, ci*R] -> [ct*Lc, ci*R] -> [ct, Lc, ci, R]
+            sim = _similarity(words_flat, regions_flat).view(t1 - t0, n_len, i1 - i0, n_reg)
             if do_t2i:
                 relevance = _t2i_uarda if uarda else _t2i_scan
                 rel, attended = relevance(
@@ -485,10 +476,10 @@ def _t2i_scan(sim, real, word_norm, image_gram, lam, t, eps, inplace):
 def _t2i_uarda(sim, real, word_norm, image_gram, lam, t, eps, inplace):
     """uarda-mode text-to-image relevance ``r [ct, L, ci]`` (see cross_attention_scores).
 
-    ``sim`` is region-major here: ``[ct, L, R, ci]``.
+    Same arguments as :func:`_t2i_scan`.
     """
-    ct, n_word, n_reg, ci = sim.shape
-    best = sim.amax(dim=2)  # [ct, L, ci]  max_j s_ij: the value of a skipped word
+    ct, n_word, ci, n_reg = sim.shape
+    best = sim.amax(dim=-1)  # [ct, L, ci]  max_j s_ij: the value of a skipped word
     live = (best > t) & real.unsqueeze(-1)  # [ct, L, ci]  real words with a relevant region
     # Live (word, image) rows in image-major order, so that the rows of one image are
     # contiguous for the grouped Gram product: [ct, L, ci] -> [ci, ct, L] -> 3 x [M]
@@ -496,13 +487,13 @@ def _t2i_uarda(sim, real, word_norm, image_gram, lam, t, eps, inplace):
     n_live = int(image.numel())
     if n_live == 0:
         return best, 0
-    # Similarities of the live rows: [ct, L, R, ci] -> [ct, L, ci, R] gathered -> [M, R]
-    s_rows = sim.permute(0, 1, 3, 2)[caption, word, image]
-    z = (s_rows - t).clamp_min(0.0)  # [M, R]  relu(s - t)
+    # Similarities of the live rows, whole rows of the block: [ct*L*ci, R] -> [M, R]
+    s_rows = sim.view(-1, n_reg).index_select(0, (caption * n_word + word) * ci + image)
+    z = (s_rows - t).clamp_min_(0.0)  # [M, R]  relu(s - t), > 0 exactly on relevant regions
     # Normalisation over the words, per (pair, region): skipped and padding words have z = 0,
     # so summing over the live rows only is exact.
     rel_live = _attend_live_rows(
-        s_rows, z, s_rows > t, image * ct + caption, image, image_gram, word_norm[caption, word], lam, eps
+        s_rows, z, image * ct + caption, image, image_gram, word_norm[caption, word], lam, eps
     )  # [M]
     if inplace:
         return best.index_put_((caption, word, image), rel_live), n_live  # [ct, L, ci]
@@ -541,38 +532,37 @@ def _i2t_scan(sim, real, region_norm, word_gram, lam, t, eps, inplace):
 def _i2t_uarda(sim, real, region_norm, word_gram, lam, t, eps, inplace):
     """uarda-mode image-to-text relevance ``r [ct, ci, R]`` (see cross_attention_scores).
 
-    ``sim`` is region-major here: ``[ct, L, R, ci]``.
+    Same arguments as :func:`_i2t_scan`.
     """
-    ct, n_word, n_reg, ci = sim.shape
+    ct, n_word, ci, n_reg = sim.shape
     bias = _padding_bias(real, sim.dtype).view(ct, n_word, 1, 1)  # −inf on padding words
-    # Best real word of every region: [ct, R, ci] -> [ct, ci, R] (a strided view)
-    best = (sim + bias).amax(dim=1).transpose(1, 2)
+    best = (sim + bias).amax(dim=1)  # [ct, ci, R]  best real word of every region
     # Live (image, region) rows in caption-major order (rows of one caption are contiguous for
     # the grouped word-Gram product, rows of one pair consecutive): [ct, ci, R] -> 3 x [M]
     caption, image, region = (best > t).nonzero(as_tuple=True)
     n_live = int(caption.numel())
     if n_live == 0:
         return best, 0
-    # Similarities of the live rows: [ct, L, R, ci] -> [ct, ci, R, L] gathered -> [M, L]
-    s_rows = sim.permute(0, 3, 2, 1)[caption, image, region]
-    relevant = (s_rows > t) & real.index_select(0, caption)  # [M, L]
-    z = (s_rows - t).clamp_min(0.0) * relevant.to(s_rows.dtype)  # [M, L]
+    # Similarities of the live rows: [ct, L, ci, R] -> [ct, ci, R, L] gathered -> [M, L]
+    s_rows = sim.permute(0, 2, 3, 1)[caption, image, region]
+    # relu(s - t) on real words only: [M, L], > 0 exactly on the relevant words
+    z = (s_rows - t).clamp_min_(0.0).mul_(real.index_select(0, caption).to(s_rows.dtype))
     # Normalisation over the regions, per (pair, word): non-live regions have z = 0.
     rel_live = _attend_live_rows(
-        s_rows, z, relevant, caption * ci + image, caption, word_gram, region_norm[image, region], lam, eps
+        s_rows, z, caption * ci + image, caption, word_gram, region_norm[image, region], lam, eps
     )  # [M]
     if inplace:
         return best.index_put_((caption, image, region), rel_live), n_live  # [ct, ci, R]
     return best.index_put((caption, image, region), rel_live), n_live
 
 
-def _attend_live_rows(s_rows, z, relevant, pair_key, group, gram, query_norm, lam, eps):
+def _attend_live_rows(s_rows, z, pair_key, group, gram, query_norm, lam, eps):
     """uarda-mode relevance of the compacted live query rows (both directions).
 
     Args:
         s_rows: ``[M, K]`` similarities of each live query to its pair's context fragments.
-        z: ``[M, K]`` ``relu(s - t)``, zero wherever ``relevant`` is False.
-        relevant: ``[M, K]`` context fragments that take part in the attention.
+        z: ``[M, K]`` ``relu(s - t)`` on the context fragments that may take part, else 0: the
+            attention runs over the fragments with ``z > 0`` (the relevant ones).
         pair_key: ``[M]`` pair id of each row; the rows of a pair are consecutive.
         group: ``[M]`` index into ``gram`` of each row, sorted ascending.
         gram: ``[G, K, K]`` Gram matrices of the context fragments.
@@ -586,16 +576,18 @@ def _attend_live_rows(s_rows, z, relevant, pair_key, group, gram, query_norm, la
     _, pair = torch.unique_consecutive(pair_key, return_inverse=True)  # [M]
     sq_sum = z.new_zeros(int(pair[-1]) + 1, z.shape[1]).index_add_(0, pair, z.square())  # [P, K]
     norm = _sqrt_plus_eps(sq_sum, eps).index_select(0, pair)  # [M, K]
-    logits = (z * (lam / norm)).masked_fill(~relevant, float("-inf"))  # [M, K]
+    logits = z * (lam / norm)  # [M, K]
     if lam > _MAX_LAMBDA_UNSHIFTED_EXP:
-        attn = torch.softmax(logits, dim=-1)  # [M, K]  masked softmax over the relevant fragments
+        # masked softmax over the relevant fragments
+        attn = torch.softmax(logits.masked_fill(z == 0, float("-inf")), dim=-1)  # [M, K]
         numerator = torch.linalg.vecdot(attn, s_rows)  # [M]
         quad = _grouped_quadratic_form(attn, group, gram)  # [M]  |c|²
     else:
-        # The masked softmax over the relevant fragments without its max pass (0 <= logits <= λ,
-        # as z is at most its norm over the queries); the normaliser is divided out of the two
-        # per-row results. Every live row has a relevant fragment, so the normaliser is > 0.
-        attn = logits.exp()  # [M, K] unnormalised, 0 on irrelevant fragments
+        # The same without the softmax's max pass (0 <= logits <= λ, as z is at most its norm
+        # over the queries) and without −inf (slow in exp): exp times the 0/1 mask sign(z). The
+        # normaliser is divided out of the two per-row results; every live row has a relevant
+        # fragment, so it is > 0.
+        attn = logits.exp_().mul_(z.sign()) if not logits.requires_grad else logits.exp() * z.sign()
         total = attn.sum(dim=-1)  # [M]
         numerator = torch.linalg.vecdot(attn, s_rows) / total  # [M]
         quad = _grouped_quadratic_form(attn, group, gram) / total.square()  # [M]  |c|²

@@ -49,9 +49,9 @@ before the product (their similarities are exactly 0, so SCAN's normalisation ov
 needs no mask pass), the softmax skips its max subtraction when λ is small enough for the bounded
 logits (the normaliser is divided out of the per-row results, not the block; the attended-vector
 cosine is otherwise invariant to it), intermediates are overwritten in place when no gradient is
-recorded, and the
-similarity product uses oneDNN's fp32 GEMM when PyTorch exposes it (``_linear_pointwise``, the
-kernel ``torch.compile`` emits for CPU linear layers), falling back to ``torch.matmul`` otherwise.
+recorded, and the similarity product uses oneDNN's fp32 GEMM when PyTorch exposes it
+(``_linear_pointwise``, the kernel ``torch.compile`` emits for CPU linear layers), falling back
+to ``torch.matmul`` otherwise.
 Without gradients, the image operands are prepacked for it once per call (a copy of the image
 fragments lives for the duration of the call).
 """

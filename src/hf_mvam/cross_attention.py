@@ -580,17 +580,19 @@ def _attend_live_rows(s_rows, z, pair_key, group, gram, query_norm, lam, eps):
     if lam > _MAX_LAMBDA_UNSHIFTED_EXP:
         # masked softmax over the relevant fragments
         attn = torch.softmax(logits.masked_fill(z == 0, float("-inf")), dim=-1)  # [M, K]
-        numerator = torch.linalg.vecdot(attn, s_rows)  # [M]
-        quad = _grouped_quadratic_form(attn, group, gram)  # [M]  |c|²
+        total = None
     else:
         # The same without the softmax's max pass (0 <= logits <= λ, as z is at most its norm
         # over the queries) and without −inf (slow in exp): exp times the 0/1 mask sign(z). The
         # normaliser is divided out of the two per-row results; every live row has a relevant
-        # fragment, so it is > 0.
-        attn = logits.exp_().mul_(z.sign()) if not logits.requires_grad else logits.exp() * z.sign()
+        # fragment, so it is > 0. (exp_ in place is safe under autograd: the product that made
+        # the logits does not need them for its backward pass.)
+        attn = logits.exp_() * z.sign()  # [M, K] unnormalised
         total = attn.sum(dim=-1)  # [M]
-        numerator = torch.linalg.vecdot(attn, s_rows) / total  # [M]
-        quad = _grouped_quadratic_form(attn, group, gram) / total.square()  # [M]  |c|²
+    numerator = torch.linalg.vecdot(attn, s_rows)  # [M]
+    quad = _grouped_quadratic_form(attn, group, gram)  # [M]  |c|²
+    if total is not None:
+        numerator, quad = numerator / total, quad / total.square()
     denom = query_norm * quad.clamp_min(eps * eps).sqrt()  # [M]
     return numerator / denom.clamp_min(eps)  # [M]
 

@@ -45,15 +45,13 @@ def _scan_pair(query, context, lam, eps=1e-8):
 def _uarda_pair(query, context, lam, t, eps=1e-8):
     """The documented uarda-mode relevance for ONE pair, one query at a time."""
     s = query @ context.T  # [n_query, n_context]
-    z = (s - t).clamp(min=0)
-    norm = z.pow(2).sum(dim=0).sqrt() + eps  # [n_context]: over the queries, per context fragment
     out = []
     for q in range(query.shape[0]):
         relevant = s[q] > t
         if not bool(relevant.any()):
             out.append(s[q].max())  # skipped query: its best (insufficient) similarity
             continue
-        a = torch.softmax(lam * z[q, relevant] / norm[relevant], dim=0)
+        a = torch.softmax(lam * (s[q, relevant] - t), dim=0)  # over the relevant fragments only
         c = a @ context[relevant]
         out.append((query[q] @ c) / (query[q].norm() * c.norm()).clamp(min=eps))
     return torch.stack(out)
@@ -278,6 +276,26 @@ def test_word_region_attention_is_the_scoring_attention(mode):
             assert relevant[real].all()
         assert torch.allclose(attn[attended].sum(1), torch.ones(int(attended.sum()),
                                                                 dtype=attn.dtype))
+
+
+def test_uarda_matches_hand_computed_example():
+    """One image with regions e1, e2; one word (0.6, 0.8): s = (0.6, 0.8), λ = 9."""
+    images = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]], dtype=torch.float64)
+    word = torch.tensor([[[0.6, 0.8]]], dtype=torch.float64)
+
+    def score(t):
+        return float(cross_attention_scores(images, word, aggregation="mean",
+                                            threshold_mode="uarda", threshold=t))
+
+    # t = 0.5: both regions relevant, a ∝ (exp(9·0.1), exp(9·0.3)); c = a (e1, e2 are the basis)
+    a = [math.exp(0.9), math.exp(2.7)]
+    a = [v / sum(a) for v in a]
+    assert abs(score(0.5) - (0.6 * a[0] + 0.8 * a[1]) / math.hypot(*a)) < 1e-12
+    # t = 0.7: only e2 is relevant, c = e2, cos = 0.8; t = 0.9: skipped, its best similarity 0.8
+    assert abs(score(0.7) - 0.8) < 1e-12
+    assert abs(score(0.9) - 0.8) < 1e-12
+    # t = 0.55 vs 0.5: a shift of t that keeps the same relevant set does not change the softmax
+    assert abs(score(0.55) - score(0.5)) < 1e-12
 
 
 def test_progress_bar_runs(capsys):

@@ -99,9 +99,9 @@ _LIVE_BUFFERS_PER_CHUNK = 6
 _TARGET_CHUNK_ELEMENTS = {"scan": 1 << 19, "uarda": 1 << 21}
 # Images per chunk (their region matrix, ci·R × D, is the GEMM operand reused across captions).
 _IMAGES_PER_CHUNK = {"scan": 32, "uarda": 128}
-# Largest softmax λ for which the attention skips the softmax's max subtraction (scan mode's t2i
-# logits lie in [-λ, λ], uarda mode's in [0, λ]; exp(20)² times K² stays far from float32's
-# overflow, and exp(-20) far from its underflow).
+# Largest softmax λ for which scan mode's t2i attention skips the softmax's max subtraction (its
+# logits lie in [-λ, λ]; exp(20)² times K² stays far from float32's overflow, and exp(-20) far
+# from its underflow).
 _MAX_LAMBDA_UNSHIFTED_EXP = 20.0
 
 LambdaArg = Union[None, float, Sequence[float], Dict[str, float]]
@@ -173,20 +173,22 @@ def cross_attention_scores(
     Image-to-text swaps the roles: regions are the queries, the softmax runs over the real words
     only, the normalisation over the regions, and the pooling over the regions.
 
-    **uarda mode** (our reading of UARDA's abstract; the threshold ``t`` replaces the zero of
-    SCAN's (Leaky)ReLU). For a query ``q`` and context fragments ``k`` of one pair::
+    **uarda mode** (our reading of UARDA's abstract, with the positive attention of NAAF, the
+    same group's public follow-up; the threshold ``t`` replaces the zero of SCAN's ReLU). For a
+    query ``q`` and context fragments ``k`` of one pair::
 
         K_q  = {k : s_qk > t}                                   # relevant fragments
-        z_qk = max(s_qk - t, 0)
-        ẑ_qk = z_qk / (sqrt(Σ_{q' real} z_q'k²) + eps)           # SCAN's normalisation, on z
-        a_qk = exp(λ ẑ_qk) / Σ_{k' ∈ K_q} exp(λ ẑ_qk')  if k ∈ K_q, else 0   # masked softmax
+        a_qk = exp(λ (s_qk - t)) / Σ_{k' ∈ K_q} exp(λ (s_qk' - t))  if k ∈ K_q, else 0
         r_q  = cos(q, Σ_k a_qk v_k)                 if K_q is not empty
         r_q  = max_k s_qk   (≤ t: the best, insufficient evidence)   if K_q is empty ("skipped")
         score = (1/λ_lse) log Σ_q exp(λ_lse r_q)                # or the mean, over real queries
 
     Irrelevant fragments therefore take no part in the attention, and a skipped query costs
-    only its similarity row and its maximum: the normalisation, softmax and Gram work runs on
-    the compacted (pair, query) rows that have a relevant fragment. For ``t ≥ 0`` an attended
+    only its similarity row and its maximum: the softmax and Gram work runs on the compacted
+    (pair, query) rows that have a relevant fragment. Unlike scan mode there is no L2
+    normalisation over the queries (NAAF's masked softmax has none): on ``relu(s - t)`` it maps
+    every fragment that a single query finds relevant to 1 whatever its similarity, and models
+    trained through it learned far less (benchmarks/results/uarda_training.md). For ``t ≥ 0`` an attended
     query always scores above ``t`` (``cos(q, c) ≥ q·c = Σ a_k s_qk > t`` since ``|c| ≤ 1``) and
     a skipped one at most ``t``, so the two cases stay ordered. Both cases are exact and
     differentiable (the gradient of a skipped query flows through its best similarity).
@@ -347,12 +349,12 @@ def word_region_attention(
     if threshold_mode == "scan":
         x = F.leaky_relu(sim, 0.1) * keep  # [L, R]
         relevant = torch.ones_like(sim, dtype=torch.bool)
+        norm = _sqrt_plus_eps(x.square().sum(dim=0, keepdim=True), eps)  # [1, R] over the words
+        logits = x * (lam / norm)  # [L, R]
     else:
         t = float(threshold)
         relevant = sim > t  # [L, R]
-        x = (sim - t).clamp_min(0.0) * keep  # [L, R]
-    norm = _sqrt_plus_eps(x.square().sum(dim=0, keepdim=True), eps)  # [1, R] over the words
-    logits = (x * (lam / norm)).masked_fill(~relevant, float("-inf"))  # [L, R]
+        logits = ((sim - t) * lam).masked_fill(~relevant, float("-inf"))  # [L, R]
     attended = relevant.any(dim=1, keepdim=True) & real.unsqueeze(1)  # [L, 1]
     logits = logits.masked_fill(~attended, 0.0)  # rows with no relevant region: finite
     attention = torch.softmax(logits, dim=-1) * attended.to(sim.dtype)  # [L, R]
@@ -489,11 +491,10 @@ def _t2i_uarda(sim, real, word_norm, image_gram, lam, t, eps, inplace):
         return best, 0
     # Similarities of the live rows, whole rows of the block: [ct*L*ci, R] -> [M, R]
     s_rows = sim.view(-1, n_reg).index_select(0, (caption * n_word + word) * ci + image)
-    z = (s_rows - t).clamp_min_(0.0)  # [M, R]  relu(s - t), > 0 exactly on relevant regions
-    # Normalisation over the words, per (pair, region): skipped and padding words have z = 0,
-    # so summing over the live rows only is exact.
+    relevant = (s_rows > t).to(s_rows.dtype)  # [M, R] 0/1
     rel_live = _attend_live_rows(
-        s_rows, z, image * ct + caption, image, image_gram, word_norm[caption, word], lam, eps
+        s_rows, relevant, best[caption, word, image], image, image_gram, word_norm[caption, word],
+        lam, eps,
     )  # [M]
     if inplace:
         return best.index_put_((caption, word, image), rel_live), n_live  # [ct, L, ci]
@@ -545,25 +546,24 @@ def _i2t_uarda(sim, real, region_norm, word_gram, lam, t, eps, inplace):
         return best, 0
     # Similarities of the live rows: [ct, L, ci, R] -> [ct, ci, R, L] gathered -> [M, L]
     s_rows = sim.permute(0, 2, 3, 1)[caption, image, region]
-    # relu(s - t) on real words only: [M, L], > 0 exactly on the relevant words
-    z = (s_rows - t).clamp_min_(0.0).mul_(real.index_select(0, caption).to(s_rows.dtype))
-    # Normalisation over the regions, per (pair, word): non-live regions have z = 0.
+    # relevant real words: [M, L] 0/1
+    relevant = (s_rows > t).to(s_rows.dtype).mul_(real.index_select(0, caption).to(s_rows.dtype))
     rel_live = _attend_live_rows(
-        s_rows, z, caption * ci + image, caption, word_gram, region_norm[image, region], lam, eps
+        s_rows, relevant, best[caption, image, region], caption, word_gram,
+        region_norm[image, region], lam, eps,
     )  # [M]
     if inplace:
         return best.index_put_((caption, image, region), rel_live), n_live  # [ct, ci, R]
     return best.index_put((caption, image, region), rel_live), n_live
 
 
-def _attend_live_rows(s_rows, z, pair_key, group, gram, query_norm, lam, eps):
+def _attend_live_rows(s_rows, relevant, best, group, gram, query_norm, lam, eps):
     """uarda-mode relevance of the compacted live query rows (both directions).
 
     Args:
         s_rows: ``[M, K]`` similarities of each live query to its pair's context fragments.
-        z: ``[M, K]`` ``relu(s - t)`` on the context fragments that may take part, else 0: the
-            attention runs over the fragments with ``z > 0`` (the relevant ones).
-        pair_key: ``[M]`` pair id of each row; the rows of a pair are consecutive.
+        relevant: ``[M, K]`` 1 on the relevant context fragments (``s > t``, real), else 0.
+        best: ``[M]`` each row's largest similarity (that of a relevant fragment).
         group: ``[M]`` index into ``gram`` of each row, sorted ascending.
         gram: ``[G, K, K]`` Gram matrices of the context fragments.
         query_norm: ``[M]`` norm of each query.
@@ -571,28 +571,15 @@ def _attend_live_rows(s_rows, z, pair_key, group, gram, query_norm, lam, eps):
     Returns:
         ``[M]`` cosines between each query and its attended context vector.
     """
-    # SCAN's normalisation over the queries of a pair, per context fragment: only live rows can
-    # have z > 0, so summing over them is exact.
-    _, pair = torch.unique_consecutive(pair_key, return_inverse=True)  # [M]
-    sq_sum = z.new_zeros(int(pair[-1]) + 1, z.shape[1]).index_add_(0, pair, z.square())  # [P, K]
-    norm = _sqrt_plus_eps(sq_sum, eps).index_select(0, pair)  # [M, K]
-    logits = z * (lam / norm)  # [M, K]
-    if lam > _MAX_LAMBDA_UNSHIFTED_EXP:
-        # masked softmax over the relevant fragments
-        attn = torch.softmax(logits.masked_fill(z == 0, float("-inf")), dim=-1)  # [M, K]
-        total = None
-    else:
-        # The same without the softmax's max pass (0 <= logits <= λ, as z is at most its norm
-        # over the queries) and without −inf (slow in exp): exp times the 0/1 mask sign(z). The
-        # normaliser is divided out of the two per-row results; every live row has a relevant
-        # fragment, so it is > 0. (exp_ in place is safe under autograd: the product that made
-        # the logits does not need them for its backward pass.)
-        attn = logits.exp_() * z.sign()  # [M, K] unnormalised
-        total = attn.sum(dim=-1)  # [M]
-    numerator = torch.linalg.vecdot(attn, s_rows)  # [M]
-    quad = _grouped_quadratic_form(attn, group, gram)  # [M]  |c|²
-    if total is not None:
-        numerator, quad = numerator / total, quad / total.square()
+    # Softmax of λ(s - t) over the relevant fragments, computed as exp(λ(s - best)): the shift
+    # cancels in the softmax (so it needs no gradient), keeps every exp <= 1, and the row's best
+    # fragment gives 1, so the normaliser is >= 1. The 0/1 mask replaces a -inf fill (exp of
+    # -inf is slow on this CPU). The normaliser is divided out of the two per-row results.
+    shifted = (s_rows - best.detach().unsqueeze(-1)).mul_(lam)  # [M, K] <= 0
+    attn = shifted.exp_() * relevant  # [M, K] unnormalised
+    total = attn.sum(dim=-1)  # [M]
+    numerator = torch.linalg.vecdot(attn, s_rows) / total  # [M]  q · c
+    quad = _grouped_quadratic_form(attn, group, gram) / total.square()  # [M]  |c|²
     denom = query_norm * quad.clamp_min(eps * eps).sqrt()  # [M]
     return numerator / denom.clamp_min(eps)  # [M]
 

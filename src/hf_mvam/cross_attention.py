@@ -188,7 +188,7 @@ def cross_attention_scores(
     (pair, query) rows that have a relevant fragment. Unlike scan mode there is no L2
     normalisation over the queries (NAAF's masked softmax has none): on ``relu(s - t)`` it maps
     every fragment that a single query finds relevant to 1 whatever its similarity, and models
-    trained through it learned far less (README, benchmarks). For ``t ≥ 0`` an attended
+    trained through it with a learned threshold learned far less (README, benchmarks). For ``t ≥ 0`` an attended
     query always scores above ``t`` (``cos(q, c) ≥ q·c = Σ a_k s_qk > t`` since ``|c| ≤ 1``) and
     a skipped one at most ``t``, so the two cases stay ordered. Both cases are exact and
     differentiable (the gradient of a skipped query flows through its best similarity).

@@ -188,10 +188,12 @@ def cross_attention_scores(
     (pair, query) rows that have a relevant fragment. Unlike scan mode there is no L2
     normalisation over the queries (NAAF's masked softmax has none): on ``relu(s - t)`` it maps
     every fragment that a single query finds relevant to 1 whatever its similarity, and models
-    trained through it with a learned threshold learned far less (README, benchmarks). For ``t ≥ 0`` an attended
-    query always scores above ``t`` (``cos(q, c) ≥ q·c = Σ a_k s_qk > t`` since ``|c| ≤ 1``) and
-    a skipped one at most ``t``, so the two cases stay ordered. Both cases are exact and
-    differentiable (the gradient of a skipped query flows through its best similarity).
+    trained through it with a learned threshold learned far less (README, benchmarks).
+
+    For ``t ≥ 0`` an attended query always scores above ``t`` (since ``|c| ≤ 1``,
+    ``cos(q, c) ≥ q·c = Σ a_k s_qk > t``) and a skipped one at most ``t``, so the two cases stay
+    ordered. Both cases are exact and differentiable (the gradient of a skipped query flows
+    through its best similarity).
     """
     if direction not in _DIRECTIONS:
         raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
@@ -546,8 +548,7 @@ def _i2t_uarda(sim, real, region_norm, word_gram, lam, t, eps, inplace):
         return best, 0
     # Similarities of the live rows: [ct, L, ci, R] -> [ct, ci, R, L] gathered -> [M, L]
     s_rows = sim.permute(0, 2, 3, 1)[caption, image, region]
-    # relevant real words: [M, L] 0/1
-    relevant = (s_rows > t).to(s_rows.dtype).mul_(real.index_select(0, caption).to(s_rows.dtype))
+    relevant = ((s_rows > t) & real.index_select(0, caption)).to(s_rows.dtype)  # [M, L] real, s > t
     rel_live = _attend_live_rows(
         s_rows, relevant, best[caption, image, region], caption, word_gram,
         region_norm[image, region], lam, eps,

@@ -304,7 +304,7 @@ def similarity_only(images, captions, mask, memory_budget_mb):
     sorted by length, images by 32), same kernel (oneDNN when available), nothing else."""
     n_img, n_reg, dim = images.shape
     ci, _, max_elements = xattn._plan_chunks(n_img, n_reg, captions.shape[1], None,
-                                             memory_budget_mb, 4, "scan")
+                                             memory_budget_mb, 4)
     length = xattn._effective_lengths(mask)
     order = torch.argsort(length, stable=True)
     chunks = xattn._caption_chunks(length[order].tolist(), ci * n_reg, None, max_elements)
@@ -340,10 +340,11 @@ def run_gallery(args):
     images_np, sub_np = images.numpy(), sub_caps.numpy()  # SCAN's evaluation takes numpy
     sub_lens = sub_mask.sum(1).tolist()
 
-    def ours(mode, caps, msk, t=threshold):
+    def ours(mode, caps, msk, t=threshold):  # uarda mode at its own default λ (NAAF's 20)
         return cross_attention_scores(
             images, caps, msk, direction="t2i", aggregation="lse",
-            lambda_softmax=LAMBDA_SOFTMAX, lambda_lse=LAMBDA_LSE, threshold_mode=mode,
+            lambda_softmax=LAMBDA_SOFTMAX if mode == "scan" else None, lambda_lse=LAMBDA_LSE,
+            threshold_mode=mode,
             threshold=t, memory_budget_mb=args.memory_budget_mb, return_stats=True)
 
     contenders = {

@@ -25,6 +25,7 @@ from hf_mvam.cross_attention import (
 
 REPO = Path(__file__).resolve().parents[1]
 LAM_SOFTMAX = {"t2i": 9.0, "i2t": 4.0}
+LAM_SOFTMAX_UARDA = {"t2i": 20.0, "i2t": 4.0}  # NAAF's 20 (it scores t2i only)
 LAM_LSE = {"t2i": 6.0, "i2t": 5.0}
 
 
@@ -43,17 +44,22 @@ def _scan_pair(query, context, lam, eps=1e-8):
 
 
 def _uarda_pair(query, context, lam, t, eps=1e-8):
-    """The documented uarda-mode relevance for ONE pair, one query at a time."""
+    """The documented uarda-mode relevance for ONE pair, one query at a time (NAAF's
+    xattn_score: relevance-score branch + positive or negative branch)."""
     s = query @ context.T  # [n_query, n_context]
+    x = F.leaky_relu(s, 0.1)
+    x = x / (x.pow(2).sum(dim=0, keepdim=True).sqrt() + eps)  # l2norm over the queries
+    scan_attn = torch.softmax(lam * x, dim=1)  # SCAN's attention over the context
     out = []
     for q in range(query.shape[0]):
+        relevance_score = (scan_attn[q] * s[q]).sum()
         relevant = s[q] > t
         if not bool(relevant.any()):
-            out.append(s[q].max())  # skipped query: its best (insufficient) similarity
+            out.append(relevance_score + s[q].max() - t)  # skipped: its best falls short of t
             continue
         a = torch.softmax(lam * (s[q, relevant] - t), dim=0)  # over the relevant fragments only
         c = a @ context[relevant]
-        out.append((query[q] @ c) / (query[q].norm() * c.norm()).clamp(min=eps))
+        out.append(relevance_score + (query[q] @ c) / (query[q].norm() * c.norm()).clamp(min=eps))
     return torch.stack(out)
 
 
@@ -65,7 +71,7 @@ def _pool(rel, aggregation, lam_lse):
 
 def naive_scores(images, captions, mask, direction, aggregation, mode, t=0.0, lam_softmax=None):
     """Loop over every (image, caption) pair; captions truncated to their real words."""
-    lam_softmax = lam_softmax or LAM_SOFTMAX
+    lam_softmax = lam_softmax or (LAM_SOFTMAX_UARDA if mode == "uarda" else LAM_SOFTMAX)
     out = torch.zeros(images.shape[0], captions.shape[0], dtype=images.dtype)
     dirs = ("t2i", "i2t") if direction == "both" else (direction,)
     for i in range(images.shape[0]):
@@ -192,7 +198,7 @@ def test_uarda_skips_queries_and_reports_it():
     assert stats["t2i_queries"] == 5 * int(mask.sum())
     assert 0 < stats["t2i_attended"] < stats["t2i_queries"]
     assert 0 < stats["i2t_skipped_fraction"] < 1
-    # A threshold above every similarity skips everything: score = pooled best similarities.
+    # A threshold above every similarity skips everything: score = pooled shortfalls best - t.
     got, stats = cross_attention_scores(
         images, captions, mask, threshold_mode="uarda", threshold=1.5, return_stats=True
     )
@@ -270,7 +276,11 @@ def test_word_region_attention_is_the_scoring_attention(mode):
         attended = relevant.any(dim=1)
         ctx = attn @ images[i]
         rel = torch.where(attended, (captions[c] * ctx).sum(1) / ctx.norm(dim=1).clamp(min=1e-8),
-                          sim.max(dim=1).values)
+                          sim.max(dim=1).values - t)
+        if mode == "uarda":  # plus the relevance-score branch, SCAN's attention at uarda's λ
+            scan_attn, _ = word_region_attention(images[i], captions[c], mask[c],
+                                                 lambda_softmax=LAM_SOFTMAX_UARDA["t2i"])
+            rel = rel + (scan_attn * sim).sum(1)
         assert torch.allclose(rel[real].mean(), scores[i, c], atol=1e-10)
         if mode == "scan":
             assert relevant[real].all()
@@ -284,16 +294,23 @@ def test_uarda_matches_hand_computed_example():
     word = torch.tensor([[[0.6, 0.8]]], dtype=torch.float64)
 
     def score(t):
-        return float(cross_attention_scores(images, word, aggregation="mean",
+        return float(cross_attention_scores(images, word, aggregation="mean", lambda_softmax=9.0,
                                             threshold_mode="uarda", threshold=t))
 
+    # Relevance-score branch: SCAN's normalisation over the one word maps each similarity to
+    # s / (s + eps) ≈ 1, so its attention is ≈ (1/2, 1/2) and the branch ≈ 0.7, whatever t is.
+    x = [0.6 / (0.6 + 1e-8), 0.8 / (0.8 + 1e-8)]
+    b = [math.exp(9 * v) for v in x]
+    relevance_score = (0.6 * b[0] + 0.8 * b[1]) / sum(b)
+    assert abs(relevance_score - 0.7) < 1e-6
     # t = 0.5: both regions relevant, a ∝ (exp(9·0.1), exp(9·0.3)); c = a (e1, e2 are the basis)
     a = [math.exp(0.9), math.exp(2.7)]
     a = [v / sum(a) for v in a]
-    assert abs(score(0.5) - (0.6 * a[0] + 0.8 * a[1]) / math.hypot(*a)) < 1e-12
-    # t = 0.7: only e2 is relevant, c = e2, cos = 0.8; t = 0.9: skipped, its best similarity 0.8
-    assert abs(score(0.7) - 0.8) < 1e-12
-    assert abs(score(0.9) - 0.8) < 1e-12
+    positive = (0.6 * a[0] + 0.8 * a[1]) / math.hypot(*a)
+    assert abs(score(0.5) - (relevance_score + positive)) < 1e-12
+    # t = 0.7: only e2 is relevant, c = e2, cos = 0.8; t = 0.9: skipped, the penalty 0.8 - 0.9
+    assert abs(score(0.7) - (relevance_score + 0.8)) < 1e-12
+    assert abs(score(0.9) - (relevance_score - 0.1)) < 1e-12
     # t = 0.55 vs 0.5: a shift of t that keeps the same relevant set does not change the softmax
     assert abs(score(0.55) - score(0.5)) < 1e-12
 

@@ -28,13 +28,15 @@ class UARDAConfig(PretrainedConfig):
         embed_dim (`int`, defaults to 128):
             Shared dimension of region and word fragments.
         threshold_mode (`str`, defaults to ``"uarda"``):
-            ``"uarda"``: learned relevance threshold; ``"scan"``: SCAN's fixed zero threshold
-            (LeakyReLU + normalisation), the baseline.
+            ``"uarda"``: learned relevance threshold (NAAF's negative–positive branches around
+            it); ``"scan"``: SCAN's fixed zero threshold (LeakyReLU + normalisation), the
+            baseline.
         direction (`str`, defaults to ``"t2i"``): ``"t2i"``, ``"i2t"`` or ``"both"`` (summed).
         aggregation (`str`, defaults to ``"lse"``): pooling over queries, ``"lse"`` (SCAN's t2i
             setting) or ``"mean"`` (NAAF's). Trained from scratch on the synthetic benchmark,
             ``"mean"`` lifted scan mode's rSum from 62 to 200 (benchmarks/results/uarda_training.md).
-        lambda_softmax (`float`, *optional*): attention inverse temperature (SCAN: 9 t2i, 4 i2t).
+        lambda_softmax (`float`, *optional*): attention inverse temperature. Default: SCAN's 9
+            (t2i) / 4 (i2t) in scan mode, NAAF's 20 (t2i; i2t keeps 4) in uarda mode.
         lambda_lse (`float`, *optional*): LogSumExp factor (SCAN: 6 t2i, 5 i2t).
         margin (`float`, defaults to 0.2): hinge margin of the triplet loss.
         max_violation (`bool`, defaults to `False`):

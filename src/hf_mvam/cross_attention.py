@@ -9,9 +9,10 @@ Contents, top to bottom
     The full image × caption score matrix of stacked cross attention (SCAN, Lee et al., ECCV
     2018), vectorised over all pairs, chunked under a memory budget, and differentiable, so a
     model's training forward and its retrieval scorer are the very same function. Two threshold
-    modes: ``"scan"`` (SCAN's LeakyReLU + L2 normalisation) and ``"uarda"`` (a relevance
-    threshold ``t`` decides which fragments take part in the attention, and queries with no
-    relevant fragment are skipped; formula in the function's docstring).
+    modes: ``"scan"`` (SCAN's LeakyReLU + L2 normalisation) and ``"uarda"`` (NAAF's
+    negative–positive branches: a relevance threshold ``t`` decides which fragments take part in
+    the positive attention, and queries with no relevant fragment skip it and are penalised
+    instead; formula in the function's docstring).
 ``word_region_attention``
     The attention of one pair (what each word looks at), for visualisation.
 ``gaussian_boundary``
@@ -73,6 +74,7 @@ except ImportError:  # pragma: no cover - tqdm is a dependency of the package
 __all__ = [
     "SCAN_LAMBDA_SOFTMAX",
     "SCAN_LAMBDA_LSE",
+    "NAAF_LAMBDA_SOFTMAX",
     "cross_attention_scores",
     "word_region_attention",
     "gaussian_boundary",
@@ -84,6 +86,10 @@ __all__ = [
 SCAN_LAMBDA_SOFTMAX = {"t2i": 9.0, "i2t": 4.0}
 #: SCAN's LogSumExp pooling factor λ_lse per direction.
 SCAN_LAMBDA_LSE = {"t2i": 6.0, "i2t": 5.0}
+#: uarda mode's λ: NAAF's 20 (text-to-image; NAAF scores that direction only, so image-to-text
+#: keeps SCAN's 4). On the synthetic benchmark it trained uarda mode to a higher rSum than 9 did,
+#: while scan mode trained worse with 20 than with 9 (README, benchmarks).
+NAAF_LAMBDA_SOFTMAX = {"t2i": 20.0, "i2t": 4.0}
 
 _DIRECTIONS = ("t2i", "i2t", "both")
 _AGGREGATIONS = ("lse", "mean")
@@ -92,14 +98,13 @@ _THRESHOLD_MODES = ("scan", "uarda")
 # Number of [ct, L, ci, R]-sized buffers alive at the peak of one chunk (similarities,
 # activations, attention, products, ...). Turns a memory budget into a chunk size.
 _LIVE_BUFFERS_PER_CHUNK = 6
-# Preferred size of one [ct, L, ci, R] block (elements). scan mode: about 2 MB in float32, so
-# that its many elementwise passes run from the CPU caches; uarda mode: larger, as it makes one
-# pass (the max) over the block and then works on the few compacted rows, whose fixed cost per
-# chunk is better spread. The memory budget can only lower these.
-_TARGET_CHUNK_ELEMENTS = {"scan": 1 << 19, "uarda": 1 << 21}
+# Preferred size of one [ct, L, ci, R] block (elements): about 2 MB in float32, so that the
+# many elementwise passes of both modes run from the CPU caches. The memory budget can only
+# lower it.
+_TARGET_CHUNK_ELEMENTS = 1 << 19
 # Images per chunk (their region matrix, ci·R × D, is the GEMM operand reused across captions).
-_IMAGES_PER_CHUNK = {"scan": 32, "uarda": 128}
-# Largest softmax λ for which scan mode's t2i attention skips the softmax's max subtraction (its
+_IMAGES_PER_CHUNK = 32
+# Largest softmax λ for which SCAN's t2i attention skips the softmax's max subtraction (its
 # logits lie in [-λ, λ]; exp(20)² times K² stays far from float32's overflow, and exp(-20) far
 # from its underflow).
 _MAX_LAMBDA_UNSHIFTED_EXP = 20.0
@@ -139,14 +144,15 @@ def cross_attention_scores(
             ``"both"`` (the sum of the two scores).
         aggregation: ``"lse"`` — ``(1/λ_lse) log Σ_q exp(λ_lse r_q)`` over the queries — or
             ``"mean"`` over the queries.
-        lambda_softmax: inverse softmax temperature λ. ``None``: SCAN's 9 (t2i) / 4 (i2t); a
-            float for both directions; a pair ``(t2i, i2t)`` or a dict ``{"t2i": .., "i2t": ..}``.
+        lambda_softmax: inverse softmax temperature λ. ``None``: SCAN's 9 (t2i) / 4 (i2t) in
+            scan mode, ``NAAF_LAMBDA_SOFTMAX`` (20 / 4) in uarda mode; a float for both
+            directions; a pair ``(t2i, i2t)`` or a dict ``{"t2i": .., "i2t": ..}``.
         lambda_lse: LogSumExp factor, same forms. ``None``: SCAN's 6 (t2i) / 5 (i2t).
         threshold_mode: ``"scan"`` or ``"uarda"`` (see below).
         threshold: relevance threshold ``t`` (float or 0-d tensor; used in uarda mode only). It is
             read as a plain number: no gradient flows into it.
         chunk_size: ``(images, captions)`` per chunk. ``None``: chosen from the budget (blocks
-            of 0.5 M (scan) or 2 M (uarda) word–region pairs, fewer if the budget asks for it),
+            of 0.5 M word–region pairs, fewer if the budget asks for it),
             with captions sorted by length so that each chunk is trimmed to its longest caption.
         memory_budget_mb: upper bound on the working memory of one chunk (its ~6
             ``[captions, L, images, R]`` intermediates). With autograd recording, every chunk's
@@ -173,27 +179,29 @@ def cross_attention_scores(
     Image-to-text swaps the roles: regions are the queries, the softmax runs over the real words
     only, the normalisation over the regions, and the pooling over the regions.
 
-    **uarda mode** (our reading of UARDA's abstract, with the positive attention of NAAF, the
-    same group's public follow-up; the threshold ``t`` replaces the zero of SCAN's ReLU). For a
-    query ``q`` and context fragments ``k`` of one pair::
+    **uarda mode** (our reading of UARDA's abstract, with the negative–positive branches of
+    NAAF, the same group's public follow-up, CrossmodalGroup/NAAF ``xattn_score``; the threshold
+    ``t`` replaces the zero of SCAN's ReLU). For a query ``q`` and the context fragments ``k`` of
+    one pair::
 
         K_q  = {k : s_qk > t}                                   # relevant fragments
-        a_qk = exp(λ (s_qk - t)) / Σ_{k' ∈ K_q} exp(λ (s_qk' - t))  if k ∈ K_q, else 0
-        r_q  = cos(q, Σ_k a_qk v_k)                 if K_q is not empty
-        r_q  = max_k s_qk   (≤ t: the best, insufficient evidence)   if K_q is empty ("skipped")
+        a⁺_qk = exp(λ (s_qk - t)) / Σ_{k' ∈ K_q} exp(λ (s_qk' - t))  if k ∈ K_q, else 0
+        r_q  = Σ_k a_qk s_qk                        # relevance-score branch, a = SCAN's attention
+             + cos(q, Σ_k a⁺_qk v_k)               if K_q is not empty  (positive branch)
+             + max_k s_qk - t   (≤ 0)               if K_q is empty      (negative branch)
         score = (1/λ_lse) log Σ_q exp(λ_lse r_q)                # or the mean, over real queries
 
-    Irrelevant fragments therefore take no part in the attention, and a skipped query costs
-    only its similarity row and its maximum: the softmax and Gram work runs on the compacted
-    (pair, query) rows that have a relevant fragment. Unlike scan mode there is no L2
-    normalisation over the queries (NAAF's masked softmax has none): on ``relu(s - t)`` it maps
-    every fragment that a single query finds relevant to 1 whatever its similarity, and models
-    trained through it with a learned threshold learned far less (README, benchmarks).
-
-    For ``t ≥ 0`` an attended query always scores above ``t`` (since ``|c| ≤ 1``,
-    ``cos(q, c) ≥ q·c = Σ a_k s_qk > t``) and a skipped one at most ``t``, so the two cases stay
-    ordered. Both cases are exact and differentiable (the gradient of a skipped query flows
-    through its best similarity).
+    Irrelevant fragments take no part in the positive attention, and a query with no relevant
+    fragment ("skipped") gets no positive branch: it is penalised by how far its best fragment
+    falls short of the threshold, and its softmax and Gram work is skipped (that work runs on
+    the compacted (pair, query) rows that have a relevant fragment). The relevance-score branch
+    (SCAN's attention weights times the similarities: no cosine, so no Gram work) covers every
+    query; it keeps SCAN's smooth attention over all fragments in the score, which the model
+    needs to train from scratch: without it, uarda mode trained to half of scan mode's rSum on
+    the synthetic benchmark (README). The positive softmax has no L2 normalisation over the
+    queries (NAAF's has none: on ``relu(s - t)`` it would map every fragment that one query finds
+    relevant to 1 whatever its similarity). All branches are exact and differentiable (the
+    gradient of a skipped query's penalty flows through its best similarity).
     """
     if direction not in _DIRECTIONS:
         raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
@@ -204,19 +212,19 @@ def cross_attention_scores(
             f"threshold_mode must be one of {_THRESHOLD_MODES}, got {threshold_mode!r}"
         )
     word_mask = _validate_fragments(image_fragments, text_fragments, text_mask)
-    lam_softmax = _per_direction(lambda_softmax, SCAN_LAMBDA_SOFTMAX, "lambda_softmax")
+    uarda = threshold_mode == "uarda"
+    default_lambda = NAAF_LAMBDA_SOFTMAX if uarda else SCAN_LAMBDA_SOFTMAX
+    lam_softmax = _per_direction(lambda_softmax, default_lambda, "lambda_softmax")
     lam_lse = _per_direction(lambda_lse, SCAN_LAMBDA_LSE, "lambda_lse")
     t = float(threshold)
-    if threshold_mode == "uarda" and not math.isfinite(t):
+    if uarda and not math.isfinite(t):
         raise ValueError(f"threshold must be finite, got {t}")
-    uarda = threshold_mode == "uarda"
     do_t2i, do_i2t = direction in ("t2i", "both"), direction in ("i2t", "both")
 
     n_img, n_reg, dim = image_fragments.shape
     n_txt, n_word, _ = text_fragments.shape
     img_chunk, fixed_txt_chunk, max_elements = _plan_chunks(
-        n_img, n_reg, n_word, chunk_size, memory_budget_mb, image_fragments.element_size(),
-        threshold_mode,
+        n_img, n_reg, n_word, chunk_size, memory_budget_mb, image_fragments.element_size()
     )
     # Captions sorted by length and each chunk trimmed to its longest caption: blocks carry
     # (almost) no padding words, as SCAN's loop, which truncates every caption to its length.
@@ -330,7 +338,8 @@ def word_region_attention(
 
     Returns:
         ``(attention [L, R], relevant [L, R])``: the attention weights ``a_ij`` that
-        :func:`cross_attention_scores` uses in the t2i direction, and the mask of relevant
+        :func:`cross_attention_scores` uses in the t2i direction (in uarda mode those of the
+        positive branch, the attention over the relevant regions), and the mask of relevant
         fragments (``s_ij > t``; all True in scan mode). Rows of padding words, and in uarda
         mode of skipped words (no relevant region), are all zero.
     """
@@ -345,7 +354,8 @@ def word_region_attention(
         )
     mask = None if text_mask is None else text_mask.reshape(1, -1)
     real = _validate_fragments(image_fragments[None], text_fragments[None], mask)[0]  # [L]
-    lam = _per_direction(lambda_softmax, SCAN_LAMBDA_SOFTMAX, "lambda_softmax")["t2i"]
+    default_lambda = NAAF_LAMBDA_SOFTMAX if threshold_mode == "uarda" else SCAN_LAMBDA_SOFTMAX
+    lam = _per_direction(lambda_softmax, default_lambda, "lambda_softmax")["t2i"]
     sim = text_fragments @ image_fragments.T  # [L, R]
     keep = real.unsqueeze(1).to(sim.dtype)  # [L, 1]
     if threshold_mode == "scan":
@@ -445,6 +455,29 @@ def _similarity(words: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
 # Per-chunk relevance of every query. Input block `sim` [ct, L, ci, R]; padding words are zero
 # vectors (their similarities are 0). Each function returns (relevance, attended rows or None).
 # --------------------------------------------------------------------------------------------
+def _t2i_scan_attention(sim, lam, eps, inplace):
+    """SCAN's text-to-image attention over the regions of every (caption, word, image) row.
+
+    Args:
+        sim: ``[ct, L, ci, R]`` similarities (padding words are zero rows).
+
+    Returns:
+        ``(weights [ct, L, ci, R], normaliser [ct, L, ci] or None)``: the weights are
+        ``exp(λ x̂)`` and still need dividing by the normaliser, or (``None``) the softmax itself.
+    """
+    x = F.leaky_relu(sim, 0.1)  # [ct, L, ci, R]
+    # L2 normalisation over the words for each region (padding words contribute 0).
+    norm = _sqrt_plus_eps(torch.linalg.vecdot(x, x, dim=1).unsqueeze(1), eps)  # [ct, 1, ci, R]
+    logits = x.mul_(lam / norm) if inplace else x * (lam / norm)  # [ct, L, ci, R]
+    if lam > _MAX_LAMBDA_UNSHIFTED_EXP:
+        return torch.softmax(logits, dim=-1), None  # [ct, L, ci, R], softmax over the regions
+    # softmax without its max pass and its division pass: |x̂| <= 1 (x over its norm over the
+    # words), so the logits lie in [-λ, λ] and exp cannot overflow; the caller divides the
+    # normaliser Σ_j exp out of its per-row results instead of the whole block.
+    weights = logits.exp_() if inplace else logits.exp()  # [ct, L, ci, R] unnormalised
+    return weights, weights.sum(dim=-1)
+
+
 def _t2i_scan(sim, real, word_norm, image_gram, lam, t, eps, inplace):
     """SCAN text-to-image relevance ``r [ct, L, ci]`` of every word against every image.
 
@@ -454,20 +487,7 @@ def _t2i_scan(sim, real, word_norm, image_gram, lam, t, eps, inplace):
         word_norm: ``[ct, L]`` word norms (1 for normalised words; kept for SCAN's cosine).
         image_gram: ``[ci, R, R]`` region Gram matrices.
     """
-    ct, n_word, ci, n_reg = sim.shape
-    x = F.leaky_relu(sim, 0.1)  # [ct, L, ci, R]
-    # L2 normalisation over the words for each region (padding words contribute 0).
-    norm = _sqrt_plus_eps(torch.linalg.vecdot(x, x, dim=1).unsqueeze(1), eps)  # [ct, 1, ci, R]
-    logits = x.mul_(lam / norm) if inplace else x * (lam / norm)  # [ct, L, ci, R]
-    if lam > _MAX_LAMBDA_UNSHIFTED_EXP:
-        attn = torch.softmax(logits, dim=-1)  # [ct, L, ci, R], softmax over the regions
-        total = None
-    else:
-        # softmax without its max pass and its division pass: |x̂| <= 1 (x over its norm over
-        # the words), so the logits lie in [-λ, λ] and exp cannot overflow; the normaliser
-        # Σ_j exp is divided out of the two per-row results below instead of the whole block.
-        attn = logits.exp_() if inplace else logits.exp()  # [ct, L, ci, R] unnormalised
-        total = attn.sum(dim=-1)  # [ct, L, ci]
+    attn, total = _t2i_scan_attention(sim, lam, eps, inplace)  # [ct, L, ci, R], [ct, L, ci]
     quad = _per_image_quadratic_form(attn, image_gram)  # [ct, L, ci]  = |c|² (times (Σ exp)²)
     prod = attn.mul_(sim) if inplace else attn * sim  # attn is not needed after this
     numerator = prod.sum(dim=-1)  # [ct, L, ci]  = w · c (times Σ exp)
@@ -483,24 +503,47 @@ def _t2i_uarda(sim, real, word_norm, image_gram, lam, t, eps, inplace):
     Same arguments as :func:`_t2i_scan`.
     """
     ct, n_word, ci, n_reg = sim.shape
-    best = sim.amax(dim=-1)  # [ct, L, ci]  max_j s_ij: the value of a skipped word
+    best = sim.amax(dim=-1)  # [ct, L, ci]  max_j s_ij
     live = (best > t) & real.unsqueeze(-1)  # [ct, L, ci]  real words with a relevant region
     # Live (word, image) rows in image-major order, so that the rows of one image are
     # contiguous for the grouped Gram product: [ct, L, ci] -> [ci, ct, L] -> 3 x [M]
     image, caption, word = live.permute(2, 0, 1).nonzero(as_tuple=True)
     n_live = int(image.numel())
+    # Relevance-score branch for every word: Σ_j a_ij s_ij with SCAN's attention.
+    attn, total = _t2i_scan_attention(sim, lam, eps, inplace)  # [ct, L, ci, R]
+    rel = torch.linalg.vecdot(attn, sim)  # [ct, L, ci]
+    if total is not None:
+        rel = rel / total
+    # Negative branch: a skipped word's shortfall best - t (<= 0).
+    rel = rel + torch.where(live, 0.0, best - t)  # [ct, L, ci]
     if n_live == 0:
-        return best, 0
-    # Similarities of the live rows, whole rows of the block: [ct*L*ci, R] -> [M, R]
+        return rel, 0
+    # Positive branch on the live rows, whole rows of the block: [ct*L*ci, R] -> [M, R]
     s_rows = sim.view(-1, n_reg).index_select(0, (caption * n_word + word) * ci + image)
     relevant = (s_rows > t).to(s_rows.dtype)  # [M, R] 0/1
-    rel_live = _attend_live_rows(
+    positive = _attend_live_rows(
         s_rows, relevant, best[caption, word, image], image, image_gram, word_norm[caption, word],
         lam, eps,
     )  # [M]
-    if inplace:
-        return best.index_put_((caption, word, image), rel_live), n_live  # [ct, L, ci]
-    return best.index_put((caption, word, image), rel_live), n_live
+    return rel.index_put((caption, word, image), positive, accumulate=True), n_live
+
+
+def _i2t_scan_attention(sim, real, lam, eps):
+    """SCAN's image-to-text attention ``[ct, L, ci, R]`` over the real words of each caption,
+    for every (caption, image, region) column.
+
+    Args:
+        sim: ``[ct, L, ci, R]`` similarities.
+        real: ``[ct, L]`` real-word mask (padding words are never attended).
+    """
+    ct, n_word = real.shape
+    x = F.leaky_relu(sim, 0.1)  # [ct, L, ci, R]
+    # L2 normalisation over the regions for each word.
+    norm = _sqrt_plus_eps(torch.linalg.vecdot(x, x).unsqueeze(-1), eps)  # [ct, L, ci, 1]
+    # x·λ/norm, and −inf on padding words in the same pass: [ct, L, 1, 1] bias
+    bias = _padding_bias(real, sim.dtype).view(ct, n_word, 1, 1)
+    logits = torch.addcmul(bias, x, lam / norm)  # [ct, L, ci, R]
+    return torch.softmax(logits, dim=1)  # [ct, L, ci, R], softmax over the real words
 
 
 def _i2t_scan(sim, real, region_norm, word_gram, lam, t, eps, inplace):
@@ -513,15 +556,8 @@ def _i2t_scan(sim, real, region_norm, word_gram, lam, t, eps, inplace):
         word_gram: ``[ct, L, L]`` word Gram matrices of the captions.
     """
     ct, n_word, ci, n_reg = sim.shape
-    x = F.leaky_relu(sim, 0.1)  # [ct, L, ci, R]
-    # L2 normalisation over the regions for each word.
-    norm = _sqrt_plus_eps(torch.linalg.vecdot(x, x).unsqueeze(-1), eps)  # [ct, L, ci, 1]
-    # x·λ/norm, and −inf on padding words in the same pass: [ct, L, 1, 1] bias
-    bias = _padding_bias(real, sim.dtype).view(ct, n_word, 1, 1)
-    logits = torch.addcmul(bias, x, lam / norm)  # [ct, L, ci, R]
-    attn = torch.softmax(logits, dim=1)  # [ct, L, ci, R], softmax over the real words
-    prod = torch.mul(attn, sim, out=logits) if inplace else attn * sim
-    numerator = prod.sum(dim=1)  # [ct, ci, R]  = v · c
+    attn = _i2t_scan_attention(sim, real, lam, eps)  # [ct, L, ci, R]
+    numerator = torch.linalg.vecdot(attn, sim, dim=1)  # [ct, ci, R]  = v · c
     # |c|² = aᵀ H a with the caption's word Gram, batched per caption:
     # [ct, L, L] x [ct, L, ci*R] -> [ct, L, ci*R]
     attn_flat = attn.view(ct, n_word, ci * n_reg)
@@ -540,26 +576,29 @@ def _i2t_uarda(sim, real, region_norm, word_gram, lam, t, eps, inplace):
     ct, n_word, ci, n_reg = sim.shape
     bias = _padding_bias(real, sim.dtype).view(ct, n_word, 1, 1)  # −inf on padding words
     best = (sim + bias).amax(dim=1)  # [ct, ci, R]  best real word of every region
+    live = best > t  # [ct, ci, R]
     # Live (image, region) rows in caption-major order (rows of one caption are contiguous for
     # the grouped word-Gram product, rows of one pair consecutive): [ct, ci, R] -> 3 x [M]
-    caption, image, region = (best > t).nonzero(as_tuple=True)
+    caption, image, region = live.nonzero(as_tuple=True)
     n_live = int(caption.numel())
+    # Relevance-score branch for every region (SCAN's attention over the words), and the
+    # negative branch for skipped regions.
+    rel = torch.linalg.vecdot(_i2t_scan_attention(sim, real, lam, eps), sim, dim=1)  # [ct, ci, R]
+    rel = rel + torch.where(live, 0.0, best - t)  # [ct, ci, R]
     if n_live == 0:
-        return best, 0
-    # Similarities of the live rows: [ct, L, ci, R] -> [ct, ci, R, L] gathered -> [M, L]
+        return rel, 0
+    # Positive branch on the live rows: [ct, L, ci, R] -> [ct, ci, R, L] gathered -> [M, L]
     s_rows = sim.permute(0, 2, 3, 1)[caption, image, region]
     relevant = ((s_rows > t) & real.index_select(0, caption)).to(s_rows.dtype)  # [M, L] real, s > t
-    rel_live = _attend_live_rows(
+    positive = _attend_live_rows(
         s_rows, relevant, best[caption, image, region], caption, word_gram,
         region_norm[image, region], lam, eps,
     )  # [M]
-    if inplace:
-        return best.index_put_((caption, image, region), rel_live), n_live  # [ct, ci, R]
-    return best.index_put((caption, image, region), rel_live), n_live
+    return rel.index_put((caption, image, region), positive, accumulate=True), n_live
 
 
 def _attend_live_rows(s_rows, relevant, best, group, gram, query_norm, lam, eps):
-    """uarda-mode relevance of the compacted live query rows (both directions).
+    """uarda mode's positive branch on the compacted live query rows (both directions).
 
     Args:
         s_rows: ``[M, K]`` similarities of each live query to its pair's context fragments.
@@ -570,7 +609,7 @@ def _attend_live_rows(s_rows, relevant, best, group, gram, query_norm, lam, eps)
         query_norm: ``[M]`` norm of each query.
 
     Returns:
-        ``[M]`` cosines between each query and its attended context vector.
+        ``[M]`` cosines between each query and its positive attended context vector.
     """
     # Softmax of λ(s - t) over the relevant fragments, computed as exp(λ(s - best)): the shift
     # cancels in the softmax (so it needs no gradient), keeps every exp <= 1, and the row's best
@@ -729,15 +768,15 @@ def _per_direction(value, defaults, name):
     return out
 
 
-def _plan_chunks(n_img, n_reg, n_word, chunk_size, memory_budget_mb, element_size, mode):
+def _plan_chunks(n_img, n_reg, n_word, chunk_size, memory_budget_mb, element_size):
     """Choose the images per chunk and the size of the caption chunks.
 
     Returns ``(images_per_chunk, captions_per_chunk or None, max_block_elements)``. A chunk's
     block ``[ct, Lc, ci, R]`` has ``ct·Lc·ci·R`` elements and about ``_LIVE_BUFFERS_PER_CHUNK``
     such buffers live at once, so the budget allows
     ``budget / (element_size · _LIVE_BUFFERS_PER_CHUNK)`` elements per block; blocks are further
-    kept near ``_TARGET_CHUNK_ELEMENTS[mode]``. Images are chunked by
-    ``_IMAGES_PER_CHUNK[mode]`` (fewer if one caption's block would not fit); the number of captions
+    kept near ``_TARGET_CHUNK_ELEMENTS``. Images are chunked by
+    ``_IMAGES_PER_CHUNK`` (fewer if one caption's block would not fit); the number of captions
     per chunk then follows each chunk's caption length (``captions_per_chunk`` is ``None``),
     unless ``chunk_size`` fixes both.
     """
@@ -749,8 +788,8 @@ def _plan_chunks(n_img, n_reg, n_word, chunk_size, memory_budget_mb, element_siz
     if not (memory_budget_mb > 0):
         raise ValueError(f"memory_budget_mb must be positive, got {memory_budget_mb}")
     budget_elements = int(memory_budget_mb * 2**20 / (element_size * _LIVE_BUFFERS_PER_CHUNK))
-    max_elements = max(1, min(budget_elements, _TARGET_CHUNK_ELEMENTS[mode]))
-    ci = max(1, min(n_img, _IMAGES_PER_CHUNK[mode], max_elements // (n_word * n_reg)))
+    max_elements = max(1, min(budget_elements, _TARGET_CHUNK_ELEMENTS))
+    ci = max(1, min(n_img, _IMAGES_PER_CHUNK, max_elements // (n_word * n_reg)))
     return ci, None, max_elements
 
 

@@ -5,8 +5,9 @@ Words and image regions are projected to a shared space; every (image, caption) 
 by SCAN's word–region cross attention (`cross_attention.py`), where UARDA replaces SCAN's fixed
 zero relevance threshold with one learned from the data: the boundary between the distributions
 of relevant (matched) and irrelevant (lowest-scoring negative) word–region similarities. Fragments below
-the threshold take no part in the attention, and word queries with no region above it are skipped
-at retrieval time. ``threshold_mode="scan"`` gives the SCAN baseline with the same class.
+the threshold take no part in the positive attention, and word queries with no region above it skip
+it and are penalised instead (NAAF's negative–positive branches, beside SCAN's relevance scores).
+``threshold_mode="scan"`` gives the SCAN baseline with the same class.
 
 Read top to bottom: pretrained base -> model -> output.
 """

@@ -304,7 +304,7 @@ def similarity_only(images, captions, mask, memory_budget_mb):
     sorted by length, images by 32), same kernel (oneDNN when available), nothing else."""
     n_img, n_reg, dim = images.shape
     ci, _, max_elements = xattn._plan_chunks(n_img, n_reg, captions.shape[1], None,
-                                             memory_budget_mb, 4)
+                                             memory_budget_mb, 4, "scan")
     length = xattn._effective_lengths(mask)
     order = torch.argsort(length, stable=True)
     chunks = xattn._caption_chunks(length[order].tolist(), ci * n_reg, None, max_elements)

@@ -214,8 +214,7 @@ def cross_attention_scores(
         )
     word_mask = _validate_fragments(image_fragments, text_fragments, text_mask)
     uarda = threshold_mode == "uarda"
-    default_lambda = NAAF_LAMBDA_SOFTMAX if uarda else SCAN_LAMBDA_SOFTMAX
-    lam_softmax = _per_direction(lambda_softmax, default_lambda, "lambda_softmax")
+    lam_softmax = _softmax_lambdas(lambda_softmax, threshold_mode)
     lam_lse = _per_direction(lambda_lse, SCAN_LAMBDA_LSE, "lambda_lse")
     t = float(threshold)
     if uarda and not math.isfinite(t):
@@ -356,8 +355,7 @@ def word_region_attention(
         )
     mask = None if text_mask is None else text_mask.reshape(1, -1)
     real = _validate_fragments(image_fragments[None], text_fragments[None], mask)[0]  # [L]
-    default_lambda = NAAF_LAMBDA_SOFTMAX if threshold_mode == "uarda" else SCAN_LAMBDA_SOFTMAX
-    lam = _per_direction(lambda_softmax, default_lambda, "lambda_softmax")["t2i"]
+    lam = _softmax_lambdas(lambda_softmax, threshold_mode)["t2i"]
     sim = text_fragments @ image_fragments.T  # [L, R]
     keep = real.unsqueeze(1).to(sim.dtype)  # [L, 1]
     if threshold_mode == "scan":
@@ -559,13 +557,14 @@ def _i2t_scan(sim, real, region_norm, word_gram, lam, t, eps, inplace):
     """
     ct, n_word, ci, n_reg = sim.shape
     attn = _i2t_scan_attention(sim, real, lam, eps)  # [ct, L, ci, R]
-    numerator = torch.linalg.vecdot(attn, sim, dim=1)  # [ct, ci, R]  = v · c
     # |c|² = aᵀ H a with the caption's word Gram, batched per caption:
     # [ct, L, L] x [ct, L, ci*R] -> [ct, L, ci*R]
     attn_flat = attn.view(ct, n_word, ci * n_reg)
     prod = torch.bmm(word_gram, attn_flat)
     prod = prod.mul_(attn_flat) if inplace else prod * attn_flat
     quad = prod.sum(dim=1).view(ct, ci, n_reg)  # [ct, ci, R]
+    prod = attn.mul_(sim) if inplace else attn * sim  # attn is not needed after this
+    numerator = prod.sum(dim=1)  # [ct, ci, R]  = v · c
     denom = region_norm.unsqueeze(0) * quad.clamp_min(eps * eps).sqrt()  # [ct, ci, R]
     return numerator / denom.clamp_min(eps), None
 
@@ -585,7 +584,8 @@ def _i2t_uarda(sim, real, region_norm, word_gram, lam, t, eps, inplace):
     n_live = int(caption.numel())
     # Relevance-score branch for every region (SCAN's attention over the words), and the
     # negative branch for skipped regions.
-    rel = torch.linalg.vecdot(_i2t_scan_attention(sim, real, lam, eps), sim, dim=1)  # [ct, ci, R]
+    attn = _i2t_scan_attention(sim, real, lam, eps)  # [ct, L, ci, R]
+    rel = (attn.mul_(sim) if inplace else attn * sim).sum(dim=1)  # [ct, ci, R]
     rel = rel + torch.where(live, 0.0, best - t)  # [ct, ci, R]
     if n_live == 0:
         return rel, 0
@@ -749,6 +749,12 @@ def _all_finite(x: torch.Tensor) -> bool:
         return True
     low, high = torch.aminmax(x.detach())
     return math.isfinite(float(low)) and math.isfinite(float(high))
+
+
+def _softmax_lambdas(value, threshold_mode):
+    """The softmax λ per direction, defaulting to the threshold mode's own values."""
+    defaults = NAAF_LAMBDA_SOFTMAX if threshold_mode == "uarda" else SCAN_LAMBDA_SOFTMAX
+    return _per_direction(value, defaults, "lambda_softmax")
 
 
 def _per_direction(value, defaults, name):

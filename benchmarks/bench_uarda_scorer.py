@@ -8,7 +8,9 @@ Contenders, measured side by side in ONE process (``torch.set_num_threads(2)``):
     matrix in 128 × 128 shards, and inside a shard a Python loop over the captions. It is kept in
     this file, op for op, as the baseline.
 (b) ``ours, scan mode`` — :func:`hf_mvam.cross_attention.cross_attention_scores`, same options.
-(c) ``ours, uarda mode`` — same function, ``threshold_mode="uarda"`` at a learned threshold.
+(c) ``ours, uarda mode`` — same function, ``threshold_mode="uarda"`` at a learned threshold, in
+    its retrieval form (``skip_irrelevant_queries=True``, what ``UARDAModel.score`` does in eval
+    mode: a word with no region above the threshold costs one max and scores its penalty).
 (d) ``similarity GEMMs alone`` — only the word–region similarity products of (b) (same chunks,
     same GEMM kernel): the floor of any exact scorer, printed to show where the time goes.
 
@@ -344,7 +346,7 @@ def run_gallery(args):
         return cross_attention_scores(
             images, caps, msk, direction="t2i", aggregation="lse",
             lambda_softmax=LAMBDA_SOFTMAX if mode == "scan" else None, lambda_lse=LAMBDA_LSE,
-            threshold_mode=mode,
+            threshold_mode=mode, skip_irrelevant_queries=True,
             threshold=t, memory_budget_mb=args.memory_budget_mb, return_stats=True)
 
     contenders = {
@@ -497,6 +499,7 @@ def run_coco(args):
         for mode in args.coco_modes:
             t, mem, (scores, stats) = timed(lambda: cross_attention_scores(
                 images, captions, mask, threshold_mode=mode, threshold=threshold,
+                skip_irrelevant_queries=True,
                 memory_budget_mb=args.memory_budget_mb, return_stats=True))  # noqa: B023
             out["modes"][mode] = dict(seconds=t, peak_rss_mb=mem.peak / 2**20,
                                       skipped=stats["t2i_skipped_fraction"],

@@ -43,9 +43,10 @@ def _scan_pair(query, context, lam, eps=1e-8):
     return w12 / (query.norm(dim=1) * weighted.norm(dim=1)).clamp(min=eps)
 
 
-def _uarda_pair(query, context, lam, t, eps=1e-8):
+def _uarda_pair(query, context, lam, t, skip=False, eps=1e-8):
     """The documented uarda-mode relevance for ONE pair, one query at a time (NAAF's
-    xattn_score: relevance-score branch + positive or negative branch)."""
+    xattn_score: relevance-score branch + positive or negative branch; ``skip``: the retrieval
+    form, in which a query with no relevant fragment scores its penalty alone)."""
     s = query @ context.T  # [n_query, n_context]
     x = F.leaky_relu(s, 0.1)
     x = x / (x.pow(2).sum(dim=0, keepdim=True).sqrt() + eps)  # l2norm over the queries
@@ -54,8 +55,8 @@ def _uarda_pair(query, context, lam, t, eps=1e-8):
     for q in range(query.shape[0]):
         relevance_score = (scan_attn[q] * s[q]).sum()
         relevant = s[q] > t
-        if not bool(relevant.any()):
-            out.append(relevance_score + s[q].max() - t)  # skipped: its best falls short of t
+        if not bool(relevant.any()):  # skipped: its best falls short of t
+            out.append(s[q].max() - t + (0.0 if skip else relevance_score))
             continue
         a = torch.softmax(lam * (s[q, relevant] - t), dim=0)  # over the relevant fragments only
         c = a @ context[relevant]
@@ -69,7 +70,8 @@ def _pool(rel, aggregation, lam_lse):
     return rel.mean()
 
 
-def naive_scores(images, captions, mask, direction, aggregation, mode, t=0.0, lam_softmax=None):
+def naive_scores(images, captions, mask, direction, aggregation, mode, t=0.0, lam_softmax=None,
+                 skip=False):
     """Loop over every (image, caption) pair; captions truncated to their real words."""
     lam_softmax = lam_softmax or (LAM_SOFTMAX_UARDA if mode == "uarda" else LAM_SOFTMAX)
     out = torch.zeros(images.shape[0], captions.shape[0], dtype=images.dtype)
@@ -84,7 +86,7 @@ def naive_scores(images, captions, mask, direction, aggregation, mode, t=0.0, la
                 if mode == "scan":
                     rel = _scan_pair(query, context, lam_softmax[d])
                 else:
-                    rel = _uarda_pair(query, context, lam_softmax[d], t)
+                    rel = _uarda_pair(query, context, lam_softmax[d], t, skip)
                 total = total + _pool(rel, aggregation, LAM_LSE[d])
             out[i, c] = total
     return out
@@ -145,38 +147,45 @@ def test_scan_matches_hand_computed_example():
     assert abs(float(got_mean) - sum(rel) / 2) < 1e-10
 
 
-@pytest.mark.parametrize("mode,t", [("scan", 0.0), ("uarda", 0.15), ("uarda", -0.05)])
+# (mode, threshold, skip_irrelevant_queries): uarda mode's training and retrieval forms
+MODES = [("scan", 0.0, False), ("uarda", 0.15, False), ("uarda", 0.15, True),
+         ("uarda", -0.05, False), ("uarda", -0.05, True)]
+
+
+@pytest.mark.parametrize("mode,t,skip", MODES)
 @pytest.mark.parametrize("direction", ["t2i", "i2t", "both"])
 @pytest.mark.parametrize("aggregation", ["lse", "mean"])
-def test_matches_per_pair_reference(mode, t, direction, aggregation):
+def test_matches_per_pair_reference(mode, t, skip, direction, aggregation):
     images, captions, mask = random_fragments()
     got = cross_attention_scores(
         images, captions, mask, direction=direction, aggregation=aggregation,
-        threshold_mode=mode, threshold=t, chunk_size=(2, 3),
+        threshold_mode=mode, threshold=t, skip_irrelevant_queries=skip, chunk_size=(2, 3),
     )
-    ref = naive_scores(images, captions, mask, direction, aggregation, mode, t)
+    ref = naive_scores(images, captions, mask, direction, aggregation, mode, t, skip=skip)
     assert torch.allclose(got, ref, atol=1e-10, rtol=0), (got - ref).abs().max()
 
 
 @pytest.mark.parametrize("lam", [0.5, 20.0, 20.5, 60.0])
-@pytest.mark.parametrize("mode,t", [("scan", 0.0), ("uarda", 0.1)])
-def test_softmax_temperatures_match_reference(mode, t, lam):
+@pytest.mark.parametrize("mode,t,skip", [("scan", 0.0, False), ("uarda", 0.1, False),
+                                         ("uarda", 0.1, True)])
+def test_softmax_temperatures_match_reference(mode, t, skip, lam):
     """Small λ and λ up to 20 take the softmax without max subtraction, larger λ torch.softmax;
     both equal the per-pair loop (large λ: near-one-hot attention, no overflow)."""
     images, captions, mask = random_fragments(seed=4)
     lam_softmax = {"t2i": lam, "i2t": lam}
-    got = cross_attention_scores(images, captions, mask, direction="both", threshold_mode=mode,
-                                 threshold=t, lambda_softmax=lam)
-    ref = naive_scores(images, captions, mask, "both", "lse", mode, t, lam_softmax)
+    kwargs = dict(direction="both", threshold_mode=mode, threshold=t, lambda_softmax=lam,
+                  skip_irrelevant_queries=skip)
+    got = cross_attention_scores(images, captions, mask, **kwargs)
+    ref = naive_scores(images, captions, mask, "both", "lse", mode, t, lam_softmax, skip=skip)
     assert torch.isfinite(got).all()
     assert torch.allclose(got, ref, atol=1e-10, rtol=0), (got - ref).abs().max()
-    got32 = cross_attention_scores(images.float(), captions.float(), mask, direction="both",
-                                   threshold_mode=mode, threshold=t, lambda_softmax=lam)
+    got32 = cross_attention_scores(images.float(), captions.float(), mask, **kwargs)
     assert torch.allclose(got32.double(), ref, atol=1e-5), (got32.double() - ref).abs().max()
 
 
-@pytest.mark.parametrize("mode,t", [("scan", 0.0), ("uarda", 0.1)])
-def test_masks_with_holes(mode, t):
+@pytest.mark.parametrize("mode,t,skip", [("scan", 0.0, False), ("uarda", 0.1, False),
+                                         ("uarda", 0.1, True)])
+def test_masks_with_holes(mode, t, skip):
     """Real words need not be a prefix: any mask pattern scores like the per-pair loop."""
     images, captions, _ = random_fragments(seed=6)
     g = torch.Generator().manual_seed(7)
@@ -184,8 +193,8 @@ def test_masks_with_holes(mode, t):
     mask[:, 2] = 1  # every caption keeps at least one word
     mask[0] = torch.tensor([0, 0, 1, 0, 1])
     got = cross_attention_scores(images, captions, mask, direction="both", threshold_mode=mode,
-                                 threshold=t)
-    ref = naive_scores(images, captions, mask, "both", "lse", mode, t)
+                                 threshold=t, skip_irrelevant_queries=skip)
+    ref = naive_scores(images, captions, mask, "both", "lse", mode, t, skip=skip)
     assert torch.allclose(got, ref, atol=1e-10)
 
 
@@ -205,6 +214,13 @@ def test_uarda_skips_queries_and_reports_it():
     assert stats["t2i_attended"] == 0
     ref = naive_scores(images, captions, mask, "t2i", "lse", "uarda", 1.5)
     assert torch.allclose(got, ref, atol=1e-12)
+    # ... and in the retrieval form nothing else: the scores are the pooled shortfalls alone.
+    got = cross_attention_scores(images, captions, mask, aggregation="mean",
+                                 threshold_mode="uarda", threshold=1.5, skip_irrelevant_queries=True)
+    best = torch.einsum("tld,ird->itlr", captions, images).amax(-1)  # [I, T, L]
+    real = mask.bool()
+    expected = ((best - 1.5) * real).sum(-1) / real.sum(-1)  # [I, T] mean over real words
+    assert torch.allclose(got, expected, atol=1e-12)
 
 
 def test_float32_matches_float64():
@@ -218,10 +234,11 @@ def test_float32_matches_float64():
         assert torch.allclose(got.double(), ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["scan", "uarda"])
-def test_chunking_does_not_change_the_result(mode):
+@pytest.mark.parametrize("mode,skip", [("scan", False), ("uarda", False), ("uarda", True)])
+def test_chunking_does_not_change_the_result(mode, skip):
     images, captions, mask = random_fragments(n_img=9, n_txt=11, seed=1)
-    kwargs = dict(direction="both", threshold_mode=mode, threshold=0.1)
+    kwargs = dict(direction="both", threshold_mode=mode, threshold=0.1,
+                  skip_irrelevant_queries=skip)
     full = cross_attention_scores(images, captions, mask, chunk_size=(9, 11), **kwargs)
     for chunk in [(1, 1), (2, 3), (4, 11), (9, 2)]:
         got = cross_attention_scores(images, captions, mask, chunk_size=chunk, **kwargs)
@@ -232,8 +249,9 @@ def test_chunking_does_not_change_the_result(mode):
     assert torch.allclose(default, full, atol=1e-12)
 
 
-@pytest.mark.parametrize("mode,aggregation", [("scan", "lse"), ("uarda", "mean"), ("uarda", "lse")])
-def test_gradients(mode, aggregation):
+@pytest.mark.parametrize("mode,aggregation,skip", [("scan", "lse", False), ("uarda", "mean", False),
+                                                    ("uarda", "lse", False), ("uarda", "lse", True)])
+def test_gradients(mode, aggregation, skip):
     # Zero padding vectors: similarities of exactly 0 must not produce NaN gradients.
     images, captions, mask = random_fragments(n_img=3, n_txt=4, n_reg=4, n_word=4, dim=5, seed=2,
                                               pad_value=0.0)
@@ -243,7 +261,7 @@ def test_gradients(mode, aggregation):
     def fn(im, cap):
         return cross_attention_scores(
             im, cap, mask, direction="both", aggregation=aggregation, threshold_mode=mode,
-            threshold=0.1, chunk_size=(2, 3),
+            threshold=0.1, skip_irrelevant_queries=skip, chunk_size=(2, 3),
         )
 
     assert torch.autograd.gradcheck(fn, (images, captions), eps=1e-6, atol=1e-6, fast_mode=True)
@@ -293,9 +311,10 @@ def test_uarda_matches_hand_computed_example():
     images = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]], dtype=torch.float64)
     word = torch.tensor([[[0.6, 0.8]]], dtype=torch.float64)
 
-    def score(t):
+    def score(t, skip=False):
         return float(cross_attention_scores(images, word, aggregation="mean", lambda_softmax=9.0,
-                                            threshold_mode="uarda", threshold=t))
+                                            threshold_mode="uarda", threshold=t,
+                                            skip_irrelevant_queries=skip))
 
     # Relevance-score branch: SCAN's normalisation over the one word maps each similarity to
     # s / (s + eps) ≈ 1, so its attention is ≈ (1/2, 1/2) and the branch ≈ 0.7, whatever t is.
@@ -313,6 +332,9 @@ def test_uarda_matches_hand_computed_example():
     assert abs(score(0.9) - (relevance_score - 0.1)) < 1e-12
     # t = 0.55 vs 0.5: a shift of t that keeps the same relevant set does not change the softmax
     assert abs(score(0.55) - score(0.5)) < 1e-12
+    # Retrieval form: a live word scores the same; the skipped word only its penalty, 0.8 - 0.9
+    assert abs(score(0.5, skip=True) - (relevance_score + positive)) < 1e-12
+    assert abs(score(0.9, skip=True) - (0.8 - 0.9)) < 1e-12
 
 
 def test_progress_bar_runs(capsys):
@@ -499,7 +521,7 @@ def test_remote_code_imports_only_torch_and_stdlib():
     import ast
 
     source = (REPO / "src" / "hf_mvam" / "cross_attention.py").read_text()
-    allowed = {"__future__", "math", "typing", "torch", "tqdm"}
+    allowed = {"__future__", "functools", "math", "typing", "torch", "tqdm"}
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]

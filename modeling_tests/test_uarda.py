@@ -14,6 +14,7 @@ from PIL import Image
 from conftest import TINY_TEXT, TINY_VISION, run_fresh_python, tiny_text_config
 from hf_mvam import UARDAConfig, UARDAModel, UARDAProcessor
 from hf_mvam.builders import default_image_processor
+from hf_mvam.cross_attention import word_region_attention
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +79,39 @@ def test_forward_equals_scorer_and_chunking(tiny_tokenizer, uarda_processor, mod
         text_fragments, mask = model.encode_texts(batch["input_ids"], batch["attention_mask"])
         for budget in (512.0, 0.001):  # one chunk vs one pair per chunk
             torch.testing.assert_close(model.score(image_fragments, text_fragments, mask, memory_budget_mb=budget), out.logits_per_image)
+        # Training mode: forward and score agree too (dropout makes training-mode fragments
+        # differ from eval mode's, so the comparison uses the forward's own fragments).
+        model.train()
+        train_out = model(**batch)
+        torch.testing.assert_close(
+            model.score(train_out.image_fragments, train_out.text_fragments, train_out.text_mask),
+            train_out.logits_per_image,
+        )
+
+
+def test_eval_mode_skips_the_relevance_score_of_skipped_words(tiny_tokenizer, uarda_processor):
+    """uarda mode: training mode scores a skipped word with SCAN's relevance score plus its
+    penalty, eval mode (retrieval) with the penalty alone; live words score the same."""
+    model = tiny_uarda(tiny_tokenizer, threshold_mode="uarda", aggregation="mean")
+    batch = uarda_processor(text=CAPTIONS4, images=images(3))
+    with torch.no_grad():
+        regions = model.encode_images(batch["pixel_values"])  # [I, R, D]
+        words, mask = model.encode_texts(batch["input_ids"], batch["attention_mask"])  # [T, L, D]
+        sim = torch.einsum("tld,ird->itlr", words, regions)  # [I, T, L, R]
+        best = sim.amax(-1)  # [I, T, L]
+        model.relevance_threshold.threshold.fill_(float(best[:, mask].median()))
+        eval_scores = model.eval().score(regions, words, mask)
+        train_scores = model.train().score(regions, words, mask)
+    skipped = (best <= model.relevance_threshold.threshold) & mask  # [I, T, L]
+    assert 0 < skipped.sum() < mask.sum() * 3
+    expected = torch.zeros_like(eval_scores)  # [I, T]: mean over real words of the skipped terms
+    for i in range(3):
+        for c in range(len(CAPTIONS4)):
+            # SCAN's attention at uarda mode's λ: word_region_attention in scan mode
+            scan_attn, _ = word_region_attention(regions[i], words[c], mask[c], lambda_softmax=20.0)
+            relevance_score = (scan_attn * sim[i, c]).sum(-1)  # [L]
+            expected[i, c] = relevance_score[skipped[i, c]].sum() / mask[c].sum()
+    torch.testing.assert_close(train_scores - eval_scores, expected)
 
 
 def test_precomputed_region_features(tiny_tokenizer, uarda_processor):

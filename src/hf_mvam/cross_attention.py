@@ -12,7 +12,8 @@ Contents, top to bottom
     modes: ``"scan"`` (SCAN's LeakyReLU + L2 normalisation) and ``"uarda"`` (NAAF's
     negative–positive branches: a relevance threshold ``t`` decides which fragments take part in
     the positive attention, and queries with no relevant fragment skip it and are penalised
-    instead; formula in the function's docstring).
+    instead; at retrieval, ``skip_irrelevant_queries=True``, nothing else is computed for them;
+    formulas in the function's docstring).
 ``word_region_attention``
     The attention of one pair (what each word looks at), for visualisation.
 ``gaussian_boundary``
@@ -60,6 +61,7 @@ fragments lives for the duration of the call).
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -127,6 +129,7 @@ def cross_attention_scores(
     lambda_lse: LambdaArg = None,
     threshold_mode: str = "scan",
     threshold: Union[float, torch.Tensor] = 0.0,
+    skip_irrelevant_queries: bool = False,
     chunk_size: Optional[Tuple[int, int]] = None,
     memory_budget_mb: float = 512.0,
     progress: bool = False,
@@ -152,6 +155,10 @@ def cross_attention_scores(
         threshold_mode: ``"scan"`` or ``"uarda"`` (see below).
         threshold: relevance threshold ``t`` (float or 0-d tensor; used in uarda mode only). It is
             read as a plain number: no gradient flows into it.
+        skip_irrelevant_queries: uarda mode only. ``True`` (retrieval; what ``UARDAModel`` does
+            in eval mode): a query with no relevant fragment scores its penalty alone and its
+            relevance-score branch is not computed. ``False`` (training; NAAF's form): every
+            query gets the relevance-score branch. See below.
         chunk_size: ``(images, captions)`` per chunk. ``None``: chosen from the budget (blocks
             of 0.5 M (scan) or 2 M (uarda) word–region pairs, fewer if the budget asks for it),
             with captions sorted by length so that each chunk is trimmed to its longest caption.
@@ -197,12 +204,27 @@ def cross_attention_scores(
     falls short of the threshold, and its softmax and Gram work is skipped (that work runs on
     the compacted (pair, query) rows that have a relevant fragment). The relevance-score branch
     (SCAN's attention weights times the similarities: no cosine, so no Gram work) covers every
-    query; it keeps SCAN's smooth attention over all fragments in the score, which the model
-    needs to train from scratch: without it, uarda mode trained to rSum 143 against scan mode's
-    200 on the synthetic benchmark (README). The positive softmax has no L2 normalisation over the
-    queries (NAAF's has none: on ``relu(s - t)`` it would map every fragment that one query finds
-    relevant to 1 whatever its similarity). All branches are exact and differentiable (the
-    gradient of a skipped query's penalty flows through its best similarity).
+    query in training; it keeps SCAN's smooth attention over all fragments in the score, which
+    the model needs to train from scratch: without it, uarda mode trained to rSum 143 against
+    scan mode's 200 on the synthetic benchmark (README).
+
+    With ``skip_irrelevant_queries=True`` (retrieval), a skipped query is not computed at all
+    beyond its best similarity, as UARDA's abstract has it ("avoiding the calculation of
+    irrelevant fragment queries")::
+
+        r_q  = max_k s_qk - t                        if K_q is empty
+        r_q  = Σ_k a_qk s_qk + cos(q, Σ_k a⁺_qk v_k)  otherwise (a as above: SCAN's attention,
+                                                       normalised over ALL real queries)
+
+    so a skipped query costs one max over its similarities, and all softmax work runs on the
+    compacted live rows (SCAN's normalisation over the queries is one more pass over the
+    block). A model trained with the relevance-score branch everywhere ranks the synthetic
+    benchmark's test set almost the same either way (README).
+
+    The positive softmax has no L2 normalisation over the queries (NAAF's has none: on
+    ``relu(s - t)`` it would map every fragment that one query finds relevant to 1 whatever its
+    similarity). All branches are exact and differentiable (the gradient of a skipped query's
+    penalty flows through its best similarity).
     """
     if direction not in _DIRECTIONS:
         raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
@@ -220,6 +242,11 @@ def cross_attention_scores(
     if uarda and not math.isfinite(t):
         raise ValueError(f"threshold must be finite, got {t}")
     do_t2i, do_i2t = direction in ("t2i", "both"), direction in ("i2t", "both")
+    if uarda:
+        t2i_relevance = partial(_t2i_uarda, skip_irrelevant=bool(skip_irrelevant_queries))
+        i2t_relevance = partial(_i2t_uarda, skip_irrelevant=bool(skip_irrelevant_queries))
+    else:
+        t2i_relevance, i2t_relevance = _t2i_scan, _i2t_scan
 
     n_img, n_reg, dim = image_fragments.shape
     n_txt, n_word, _ = text_fragments.shape
@@ -277,16 +304,14 @@ def cross_attention_scores(
             # [ct*Lc, D] x [D, ci*R] -> [ct*Lc, ci*R] -> [ct, Lc, ci, R]
             sim = _similarity(words_flat, regions_flat).view(t1 - t0, n_len, i1 - i0, n_reg)
             if do_t2i:
-                relevance = _t2i_uarda if uarda else _t2i_scan
-                rel, attended = relevance(
+                rel, attended = t2i_relevance(
                     sim, real, word_norm, image_gram[i0:i1], lam_softmax["t2i"], t, eps, inplace
                 )  # [ct, Lc, ci]
                 t2i_parts.append(rel)
                 stats["t2i_queries"] += n_real * (i1 - i0)
                 stats["t2i_attended"] += n_real * (i1 - i0) if attended is None else attended
             if do_i2t:
-                relevance = _i2t_uarda if uarda else _i2t_scan
-                rel, attended = relevance(
+                rel, attended = i2t_relevance(
                     sim, real, region_norm[i0:i1], word_gram, lam_softmax["i2t"], t, eps, inplace
                 )  # [ct, ci, R]
                 i2t_parts.append(_pool(rel, None, aggregation, lam_lse["i2t"], dim=-1))  # [ct, ci]
@@ -466,8 +491,7 @@ def _t2i_scan_attention(sim, lam, eps, inplace):
         ``exp(λ x̂)`` and still need dividing by the normaliser, or (``None``) the softmax itself.
     """
     x = F.leaky_relu(sim, 0.1)  # [ct, L, ci, R]
-    # L2 normalisation over the words for each region (padding words contribute 0).
-    norm = _sqrt_plus_eps(torch.linalg.vecdot(x, x, dim=1).unsqueeze(1), eps)  # [ct, 1, ci, R]
+    norm = _word_axis_norm(x, eps, inplace=False).unsqueeze(1)  # [ct, 1, ci, R]
     logits = x.mul_(lam / norm) if inplace else x * (lam / norm)  # [ct, L, ci, R]
     if lam > _MAX_LAMBDA_UNSHIFTED_EXP:
         return torch.softmax(logits, dim=-1), None  # [ct, L, ci, R], softmax over the regions
@@ -497,10 +521,10 @@ def _t2i_scan(sim, real, word_norm, image_gram, lam, t, eps, inplace):
     return numerator / denom.clamp_min(eps), None
 
 
-def _t2i_uarda(sim, real, word_norm, image_gram, lam, t, eps, inplace):
+def _t2i_uarda(sim, real, word_norm, image_gram, lam, t, eps, inplace, skip_irrelevant):
     """uarda-mode text-to-image relevance ``r [ct, L, ci]`` (see cross_attention_scores).
 
-    Same arguments as :func:`_t2i_scan`.
+    Same arguments as :func:`_t2i_scan`; ``skip_irrelevant``: skipped words get only the penalty.
     """
     ct, n_word, ci, n_reg = sim.shape
     best = sim.amax(dim=-1)  # [ct, L, ci]  max_j s_ij
@@ -509,23 +533,31 @@ def _t2i_uarda(sim, real, word_norm, image_gram, lam, t, eps, inplace):
     # contiguous for the grouped Gram product: [ct, L, ci] -> [ci, ct, L] -> 3 x [M]
     image, caption, word = live.permute(2, 0, 1).nonzero(as_tuple=True)
     n_live = int(image.numel())
-    # Relevance-score branch for every word: Σ_j a_ij s_ij with SCAN's attention.
-    attn, total = _t2i_scan_attention(sim, lam, eps, inplace)  # [ct, L, ci, R]
-    rel = (attn.mul_(sim) if inplace else attn * sim).sum(dim=-1)  # [ct, L, ci]
-    if total is not None:
-        rel = rel / total
-    # Negative branch: a skipped word's shortfall best - t (<= 0).
-    rel = rel + torch.where(live, 0.0, best - t)  # [ct, L, ci]
-    if n_live == 0:
-        return rel, 0
-    # Positive branch on the live rows, whole rows of the block: [ct*L*ci, R] -> [M, R]
+    rel = torch.where(live, 0.0, best - t)  # [ct, L, ci]  negative branch: shortfall best - t
+    if skip_irrelevant:
+        if n_live == 0:
+            return rel, 0
+        # SCAN's normalisation over all real words (one pass over the block), then the
+        # relevance-score branch on the live rows only.
+        norm = _word_axis_norm(F.leaky_relu(sim, 0.1), eps, inplace)  # [ct, ci, R]
+        norm_rows = norm.view(-1, n_reg).index_select(0, caption * ci + image)  # [M, R]
+    else:
+        # Relevance-score branch for every word: Σ_j a_ij s_ij with SCAN's attention.
+        attn, total = _t2i_scan_attention(sim, lam, eps, inplace)  # [ct, L, ci, R]
+        scores = (attn.mul_(sim) if inplace else attn * sim).sum(dim=-1)  # [ct, L, ci]
+        rel = rel + (scores if total is None else scores / total)
+        if n_live == 0:
+            return rel, 0
+    # The live rows, whole rows of the block: [ct*L*ci, R] -> [M, R]
     s_rows = sim.view(-1, n_reg).index_select(0, (caption * n_word + word) * ci + image)
     relevant = (s_rows > t).to(s_rows.dtype)  # [M, R] 0/1
-    positive = _attend_live_rows(
+    live_rel = _attend_live_rows(
         s_rows, relevant, best[caption, word, image], image, image_gram, word_norm[caption, word],
         lam, eps,
-    )  # [M]
-    return rel.index_put((caption, word, image), positive, accumulate=True), n_live
+    )  # [M] positive branch
+    if skip_irrelevant:
+        live_rel = live_rel + _scan_relevance_rows(s_rows, norm_rows, None, lam)
+    return rel.index_put((caption, word, image), live_rel, accumulate=True), n_live
 
 
 def _i2t_scan_attention(sim, real, lam, eps):
@@ -569,10 +601,11 @@ def _i2t_scan(sim, real, region_norm, word_gram, lam, t, eps, inplace):
     return numerator / denom.clamp_min(eps), None
 
 
-def _i2t_uarda(sim, real, region_norm, word_gram, lam, t, eps, inplace):
+def _i2t_uarda(sim, real, region_norm, word_gram, lam, t, eps, inplace, skip_irrelevant):
     """uarda-mode image-to-text relevance ``r [ct, ci, R]`` (see cross_attention_scores).
 
-    Same arguments as :func:`_i2t_scan`.
+    Same arguments as :func:`_i2t_scan`; ``skip_irrelevant``: skipped regions get only the
+    penalty.
     """
     ct, n_word, ci, n_reg = sim.shape
     bias = _padding_bias(real, sim.dtype).view(ct, n_word, 1, 1)  # −inf on padding words
@@ -582,21 +615,31 @@ def _i2t_uarda(sim, real, region_norm, word_gram, lam, t, eps, inplace):
     # the grouped word-Gram product, rows of one pair consecutive): [ct, ci, R] -> 3 x [M]
     caption, image, region = live.nonzero(as_tuple=True)
     n_live = int(caption.numel())
-    # Relevance-score branch for every region (SCAN's attention over the words), and the
-    # negative branch for skipped regions.
-    attn = _i2t_scan_attention(sim, real, lam, eps)  # [ct, L, ci, R]
-    rel = (attn.mul_(sim) if inplace else attn * sim).sum(dim=1)  # [ct, ci, R]
-    rel = rel + torch.where(live, 0.0, best - t)  # [ct, ci, R]
-    if n_live == 0:
-        return rel, 0
-    # Positive branch on the live rows: [ct, L, ci, R] -> [ct, ci, R, L] gathered -> [M, L]
+    rel = torch.where(live, 0.0, best - t)  # [ct, ci, R]  negative branch: shortfall best - t
+    if skip_irrelevant:
+        if n_live == 0:
+            return rel, 0
+        # SCAN's normalisation over the regions for each word (one pass over the block), then
+        # the relevance-score branch on the live rows only: [ct, L, ci] -> [ct, ci, L] -> [M, L]
+        norm = _sqrt_plus_eps(_square(F.leaky_relu(sim, 0.1), inplace).sum(dim=-1), eps)
+        norm_rows = norm.permute(0, 2, 1)[caption, image]
+    else:
+        # Relevance-score branch for every region (SCAN's attention over the words).
+        attn = _i2t_scan_attention(sim, real, lam, eps)  # [ct, L, ci, R]
+        rel = rel + (attn.mul_(sim) if inplace else attn * sim).sum(dim=1)  # [ct, ci, R]
+        if n_live == 0:
+            return rel, 0
+    # The live rows: [ct, L, ci, R] -> [ct, ci, R, L] gathered -> [M, L]
     s_rows = sim.permute(0, 2, 3, 1)[caption, image, region]
-    relevant = ((s_rows > t) & real.index_select(0, caption)).to(s_rows.dtype)  # [M, L] real, s > t
-    positive = _attend_live_rows(
+    real_rows = real.index_select(0, caption)  # [M, L]
+    relevant = ((s_rows > t) & real_rows).to(s_rows.dtype)  # [M, L] real, s > t
+    live_rel = _attend_live_rows(
         s_rows, relevant, best[caption, image, region], caption, word_gram,
         region_norm[image, region], lam, eps,
-    )  # [M]
-    return rel.index_put((caption, image, region), positive, accumulate=True), n_live
+    )  # [M] positive branch
+    if skip_irrelevant:
+        live_rel = live_rel + _scan_relevance_rows(s_rows, norm_rows, real_rows, lam)
+    return rel.index_put((caption, image, region), live_rel, accumulate=True), n_live
 
 
 def _attend_live_rows(s_rows, relevant, best, group, gram, query_norm, lam, eps):
@@ -626,9 +669,40 @@ def _attend_live_rows(s_rows, relevant, best, group, gram, query_norm, lam, eps)
     return numerator / denom.clamp_min(eps)  # [M]
 
 
+def _scan_relevance_rows(s_rows, norm_rows, context_mask, lam):
+    """SCAN's relevance score ``Σ_k a_k s_k`` on compacted query rows (uarda retrieval form).
+
+    Args:
+        s_rows: ``[M, K]`` similarities of each query to its pair's context fragments.
+        norm_rows: ``[M, K]`` each context fragment's SCAN norm (over the pair's queries).
+        context_mask: ``[M, K]`` bool, real context fragments; ``None``: all real.
+
+    Returns:
+        ``[M]``, with ``a = softmax(λ · LeakyReLU(s) / norm)`` over the real context fragments.
+    """
+    logits = (F.leaky_relu(s_rows, 0.1) / norm_rows).mul_(lam)  # [M, K]
+    if context_mask is not None:
+        logits = logits.masked_fill(~context_mask, float("-inf"))
+    return torch.linalg.vecdot(torch.softmax(logits, dim=-1), s_rows)  # [M]
+
+
 # --------------------------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------------------------
+def _square(x, inplace):
+    """``x²`` elementwise, overwriting ``x`` when allowed."""
+    return x.mul_(x) if inplace else x * x
+
+
+def _word_axis_norm(x, eps, inplace):
+    """SCAN's norm over the words (dim 1) of a ``[ct, L, ci, R]`` block -> ``[ct, ci, R]``.
+
+    Square, then sum: ``linalg.vecdot`` over this non-last dim is several times slower on CPU.
+    ``inplace`` lets the square overwrite ``x``. Padding words (zero rows) contribute 0.
+    """
+    return _sqrt_plus_eps(_square(x, inplace).sum(dim=1), eps)
+
+
 def _sqrt_plus_eps(square_sum, eps):
     """SCAN's L2 norm ``sqrt(Σ x²) + eps``, with a zero (not NaN) gradient where ``Σ x² = 0``.
 

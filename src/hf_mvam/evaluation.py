@@ -18,6 +18,7 @@ trust_remote_code=True)``: the kind is read from ``model.config.model_type``.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -57,12 +58,24 @@ def _model_type(model) -> str:
     return model_type
 
 
+@contextmanager
+def _eval_mode(model):
+    """Run a block with ``model`` in eval mode (no dropout; UARDA's retrieval scoring), then
+    restore its mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def encode_split(model, processor, split, batch_size: int = 256, progress: bool = False) -> EncodedSplit:
     """Encode every image (``image`` or ``image_features`` column) and every caption of ``split``.
 
     Args:
-        model: an MVAM or UARDA model (evaluated in eval mode; its mode is restored afterwards).
+        model: an MVAM or UARDA model (run in eval mode; its mode is restored afterwards).
         processor: the model's processor.
         split: a ``datasets.Dataset`` with ``captions`` and ``image`` or ``image_features``.
         batch_size: images or captions per forward pass.
@@ -70,56 +83,56 @@ def encode_split(model, processor, split, batch_size: int = 256, progress: bool 
     """
     model_type = _model_type(model)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    captions, text_to_image = flatten_captions(split)
-    image_column = "image_features" if "image_features" in split.column_names else "image"
-    if image_column == "image_features" and model_type != "uarda":
-        raise ValueError("precomputed image_features can only be evaluated with a UARDA model")
-    images = split.select_columns([image_column])
-    if image_column == "image_features":
-        images = images.with_format("torch")
-
-    image_batches = []
-    for start in tqdm(range(0, len(images), batch_size), desc="encoding images", disable=not progress):
-        chunk = images[start : start + batch_size][image_column]
+    with _eval_mode(model):
+        captions, text_to_image = flatten_captions(split)
+        image_column = "image_features" if "image_features" in split.column_names else "image"
+        if image_column == "image_features" and model_type != "uarda":
+            raise ValueError("precomputed image_features can only be evaluated with a UARDA model")
+        images = split.select_columns([image_column])
         if image_column == "image_features":
-            features = torch.stack(list(chunk)) if isinstance(chunk, list) else chunk  # [b, R, F]
-            image_batches.append(model.encode_images(image_features=features.to(device)))  # [b, R, D]
-            continue
-        pixel_values = processor(images=chunk, return_tensors="pt")["pixel_values"].to(device)  # [b, 3, S, S]
-        if model_type == "mvam":
-            image_batches.append(model.get_image_features(pixel_values=pixel_values).pooler_output)  # [b, E]
-        else:
-            image_batches.append(model.encode_images(pixel_values=pixel_values))  # [b, R, D]
+            images = images.with_format("torch")
 
-    text_batches, mask_batches = [], []
-    for start in tqdm(range(0, len(captions), batch_size), desc="encoding captions", disable=not progress):
-        tokens = processor(text=captions[start : start + batch_size], return_tensors="pt").to(device)
-        if model_type == "mvam":
-            text_batches.append(model.get_text_features(**tokens).pooler_output)  # [b, E]
-        else:
-            fragments, mask = model.encode_texts(tokens["input_ids"], tokens["attention_mask"])  # [b, L_b, D], [b, L_b]
-            text_batches.append(fragments)
-            mask_batches.append(mask)
+        image_batches = []
+        for start in tqdm(range(0, len(images), batch_size), desc="encoding images", disable=not progress):
+            chunk = images[start : start + batch_size][image_column]
+            if image_column == "image_features":
+                features = torch.stack(list(chunk)) if isinstance(chunk, list) else chunk  # [b, R, F]
+                image_batches.append(model.encode_images(image_features=features.to(device)))  # [b, R, D]
+                continue
+            pixel_values = processor(images=chunk, return_tensors="pt")["pixel_values"].to(device)  # [b, 3, S, S]
+            if model_type == "mvam":
+                image_batches.append(model.get_image_features(pixel_values=pixel_values).pooler_output)  # [b, E]
+            else:
+                image_batches.append(model.encode_images(pixel_values=pixel_values))  # [b, R, D]
 
-    model.train(was_training)
-    if model_type == "mvam":
-        return EncodedSplit(torch.cat(image_batches), torch.cat(text_batches), None, text_to_image)
-    # Captions of different batches have different lengths: pad to the longest with masked zeros.
-    length = max(fragments.shape[1] for fragments in text_batches)
-    texts = torch.cat([F.pad(f, (0, 0, 0, length - f.shape[1])) for f in text_batches])  # [N_t, L, D]
-    mask = torch.cat([F.pad(m, (0, length - m.shape[1])) for m in mask_batches])  # [N_t, L]
-    return EncodedSplit(torch.cat(image_batches), texts, mask, text_to_image)
+        text_batches, mask_batches = [], []
+        for start in tqdm(range(0, len(captions), batch_size), desc="encoding captions", disable=not progress):
+            tokens = processor(text=captions[start : start + batch_size], return_tensors="pt").to(device)
+            if model_type == "mvam":
+                text_batches.append(model.get_text_features(**tokens).pooler_output)  # [b, E]
+            else:
+                fragments, mask = model.encode_texts(tokens["input_ids"], tokens["attention_mask"])  # [b, L_b, D], [b, L_b]
+                text_batches.append(fragments)
+                mask_batches.append(mask)
+
+        if model_type == "mvam":
+            return EncodedSplit(torch.cat(image_batches), torch.cat(text_batches), None, text_to_image)
+        # Captions of different batches have different lengths: pad to the longest with masked zeros.
+        length = max(fragments.shape[1] for fragments in text_batches)
+        texts = torch.cat([F.pad(f, (0, 0, 0, length - f.shape[1])) for f in text_batches])  # [N_t, L, D]
+        mask = torch.cat([F.pad(m, (0, length - m.shape[1])) for m in mask_batches])  # [N_t, L]
+        return EncodedSplit(torch.cat(image_batches), texts, mask, text_to_image)
 
 
 @torch.no_grad()
 def score_split(model, encoded: EncodedSplit, progress: bool = False) -> torch.Tensor:
-    """The ``[N_i, N_t]`` score matrix of an encoded split (float32, on the CPU)."""
+    """The ``[N_i, N_t]`` score matrix of an encoded split (float32, on the CPU). UARDA scores in
+    eval mode, i.e. its retrieval form (skipped word queries are not computed)."""
     if _model_type(model) == "mvam":
         scores = encoded.images @ encoded.texts.t()  # [N_i, N_t]
     else:
-        scores = model.score(encoded.images, encoded.texts, encoded.text_mask, progress=progress)  # [N_i, N_t]
+        with _eval_mode(model):
+            scores = model.score(encoded.images, encoded.texts, encoded.text_mask, progress=progress)  # [N_i, N_t]
     return scores.float().cpu()
 
 

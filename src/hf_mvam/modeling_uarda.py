@@ -140,7 +140,11 @@ class UARDAModel(UARDAPreTrainedModel):
     ):
         """[N_images, N_texts] scores of every pair, vectorised and chunked so that the working
         memory stays within ``memory_budget_mb``; equal to ``forward``'s scores for the same pairs.
-        In ``uarda`` mode word queries with no region above the threshold are skipped."""
+
+        In ``uarda`` mode, word queries with no region above the threshold are skipped: in eval
+        mode (retrieval) they score only their penalty (best similarity − threshold) and nothing
+        else is computed for them; in training mode they also keep SCAN's relevance-score branch,
+        as NAAF trains (see ``cross_attention_scores``)."""
         return cross_attention_scores(
             image_fragments,
             text_fragments,
@@ -151,6 +155,7 @@ class UARDAModel(UARDAPreTrainedModel):
             lambda_lse=self.config.lambda_lse,
             threshold_mode=self.config.threshold_mode,
             threshold=self.relevance_threshold.threshold,
+            skip_irrelevant_queries=not self.training,
             memory_budget_mb=memory_budget_mb,
             progress=progress,
             return_stats=return_stats,

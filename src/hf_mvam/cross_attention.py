@@ -491,7 +491,7 @@ def _t2i_scan_attention(sim, lam, eps, inplace):
         ``exp(λ x̂)`` and still need dividing by the normaliser, or (``None``) the softmax itself.
     """
     x = F.leaky_relu(sim, 0.1)  # [ct, L, ci, R]
-    norm = _word_axis_norm(x, eps, inplace=False).unsqueeze(1)  # [ct, 1, ci, R]
+    norm = _scan_norm(x, 1, eps, inplace=False).unsqueeze(1)  # [ct, 1, ci, R] over the words
     logits = x.mul_(lam / norm) if inplace else x * (lam / norm)  # [ct, L, ci, R]
     if lam > _MAX_LAMBDA_UNSHIFTED_EXP:
         return torch.softmax(logits, dim=-1), None  # [ct, L, ci, R], softmax over the regions
@@ -539,7 +539,7 @@ def _t2i_uarda(sim, real, word_norm, image_gram, lam, t, eps, inplace, skip_irre
             return rel, 0
         # SCAN's normalisation over all real words (one pass over the block), then the
         # relevance-score branch on the live rows only.
-        norm = _word_axis_norm(F.leaky_relu(sim, 0.1), eps, inplace)  # [ct, ci, R]
+        norm = _scan_norm(F.leaky_relu(sim, 0.1), 1, eps, inplace)  # [ct, ci, R] over the words
         norm_rows = norm.view(-1, n_reg).index_select(0, caption * ci + image)  # [M, R]
     else:
         # Relevance-score branch for every word: Σ_j a_ij s_ij with SCAN's attention.
@@ -621,7 +621,7 @@ def _i2t_uarda(sim, real, region_norm, word_gram, lam, t, eps, inplace, skip_irr
             return rel, 0
         # SCAN's normalisation over the regions for each word (one pass over the block), then
         # the relevance-score branch on the live rows only: [ct, L, ci] -> [ct, ci, L] -> [M, L]
-        norm = _sqrt_plus_eps(_square(F.leaky_relu(sim, 0.1), inplace).sum(dim=-1), eps)
+        norm = _scan_norm(F.leaky_relu(sim, 0.1), -1, eps, inplace)  # [ct, L, ci]
         norm_rows = norm.permute(0, 2, 1)[caption, image]
     else:
         # Relevance-score branch for every region (SCAN's attention over the words).
@@ -689,18 +689,15 @@ def _scan_relevance_rows(s_rows, norm_rows, context_mask, lam):
 # --------------------------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------------------------
-def _square(x, inplace):
-    """``x²`` elementwise, overwriting ``x`` when allowed."""
-    return x.mul_(x) if inplace else x * x
+def _scan_norm(x, dim, eps, inplace):
+    """SCAN's L2 norm of ``x`` over ``dim`` (``sqrt(Σ x²) + eps``), the dimension dropped.
 
-
-def _word_axis_norm(x, eps, inplace):
-    """SCAN's norm over the words (dim 1) of a ``[ct, L, ci, R]`` block -> ``[ct, ci, R]``.
-
-    Square, then sum: ``linalg.vecdot`` over this non-last dim is several times slower on CPU.
-    ``inplace`` lets the square overwrite ``x``. Padding words (zero rows) contribute 0.
+    Square, then sum: ``linalg.vecdot`` over the word axis (dim 1 of a ``[ct, L, ci, R]`` block)
+    is several times slower on CPU. ``inplace`` lets the square overwrite ``x``. Padding words
+    (zero rows) contribute 0.
     """
-    return _sqrt_plus_eps(_square(x, inplace).sum(dim=1), eps)
+    square = x.mul_(x) if inplace else x * x
+    return _sqrt_plus_eps(square.sum(dim=dim), eps)
 
 
 def _sqrt_plus_eps(square_sum, eps):

@@ -534,20 +534,13 @@ def _t2i_uarda(sim, real, word_norm, image_gram, lam, t, eps, inplace, skip_irre
     image, caption, word = live.permute(2, 0, 1).nonzero(as_tuple=True)
     n_live = int(image.numel())
     rel = torch.where(live, 0.0, best - t)  # [ct, L, ci]  negative branch: shortfall best - t
-    if skip_irrelevant:
-        if n_live == 0:
-            return rel, 0
-        # SCAN's normalisation over all real words (one pass over the block), then the
-        # relevance-score branch on the live rows only.
-        norm = _scan_norm(F.leaky_relu(sim, 0.1), 1, eps, inplace)  # [ct, ci, R] over the words
-        norm_rows = norm.view(-1, n_reg).index_select(0, caption * ci + image)  # [M, R]
-    else:
+    if not skip_irrelevant:
         # Relevance-score branch for every word: Σ_j a_ij s_ij with SCAN's attention.
         attn, total = _t2i_scan_attention(sim, lam, eps, inplace)  # [ct, L, ci, R]
         scores = (attn.mul_(sim) if inplace else attn * sim).sum(dim=-1)  # [ct, L, ci]
         rel = rel + (scores if total is None else scores / total)
-        if n_live == 0:
-            return rel, 0
+    if n_live == 0:
+        return rel, 0
     # The live rows, whole rows of the block: [ct*L*ci, R] -> [M, R]
     s_rows = sim.view(-1, n_reg).index_select(0, (caption * n_word + word) * ci + image)
     relevant = (s_rows > t).to(s_rows.dtype)  # [M, R] 0/1
@@ -556,6 +549,10 @@ def _t2i_uarda(sim, real, word_norm, image_gram, lam, t, eps, inplace, skip_irre
         lam, eps,
     )  # [M] positive branch
     if skip_irrelevant:
+        # Relevance-score branch on the live rows only; SCAN's normalisation still runs over all
+        # real words (one pass over the block).
+        norm = _scan_norm(F.leaky_relu(sim, 0.1), 1, eps, inplace)  # [ct, ci, R] over the words
+        norm_rows = norm.view(-1, n_reg).index_select(0, caption * ci + image)  # [M, R]
         live_rel = live_rel + _scan_relevance_rows(s_rows, norm_rows, None, lam)
     return rel.index_put((caption, word, image), live_rel, accumulate=True), n_live
 
@@ -616,19 +613,12 @@ def _i2t_uarda(sim, real, region_norm, word_gram, lam, t, eps, inplace, skip_irr
     caption, image, region = live.nonzero(as_tuple=True)
     n_live = int(caption.numel())
     rel = torch.where(live, 0.0, best - t)  # [ct, ci, R]  negative branch: shortfall best - t
-    if skip_irrelevant:
-        if n_live == 0:
-            return rel, 0
-        # SCAN's normalisation over the regions for each word (one pass over the block), then
-        # the relevance-score branch on the live rows only: [ct, L, ci] -> [ct, ci, L] -> [M, L]
-        norm = _scan_norm(F.leaky_relu(sim, 0.1), -1, eps, inplace)  # [ct, L, ci]
-        norm_rows = norm.permute(0, 2, 1)[caption, image]
-    else:
+    if not skip_irrelevant:
         # Relevance-score branch for every region (SCAN's attention over the words).
         attn = _i2t_scan_attention(sim, real, lam, eps)  # [ct, L, ci, R]
         rel = rel + (attn.mul_(sim) if inplace else attn * sim).sum(dim=1)  # [ct, ci, R]
-        if n_live == 0:
-            return rel, 0
+    if n_live == 0:
+        return rel, 0
     # The live rows: [ct, L, ci, R] -> [ct, ci, R, L] gathered -> [M, L]
     s_rows = sim.permute(0, 2, 3, 1)[caption, image, region]
     real_rows = real.index_select(0, caption)  # [M, L]
@@ -638,6 +628,10 @@ def _i2t_uarda(sim, real, region_norm, word_gram, lam, t, eps, inplace, skip_irr
         region_norm[image, region], lam, eps,
     )  # [M] positive branch
     if skip_irrelevant:
+        # Relevance-score branch on the live rows only; SCAN's normalisation over the regions
+        # for each word still runs over the whole block: [ct, L, ci] -> [ct, ci, L] -> [M, L]
+        norm = _scan_norm(F.leaky_relu(sim, 0.1), -1, eps, inplace)  # [ct, L, ci]
+        norm_rows = norm.permute(0, 2, 1)[caption, image]
         live_rel = live_rel + _scan_relevance_rows(s_rows, norm_rows, real_rows, lam)
     return rel.index_put((caption, image, region), live_rel, accumulate=True), n_live
 

@@ -198,6 +198,36 @@ def test_masks_with_holes(mode, t, skip):
     assert torch.allclose(got, ref, atol=1e-10)
 
 
+@pytest.mark.parametrize("skip", [False, True])
+def test_i2t_padding_slots_with_negative_threshold_and_large_lambda(skip):
+    """An i2t row spans its chunk's padding word slots (similarity 0). With t < best < 0 and a
+    large λ, exp(λ(0 - best)) on them overflows float32; they are masked out, so they must not
+    turn the score into inf · 0 = NaN (caption 0 has a padding slot, caption 1 has none)."""
+    images = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    captions = torch.tensor([[[-0.6, 0.8], [0.0, 0.0]], [[-0.6, 0.8], [0.6, 0.8]]])
+    mask = torch.tensor([[1, 0], [1, 1]])
+    lam = {"t2i": 200.0, "i2t": 200.0}  # λ · 0.6 = 120 > log(float32 max) = 88.7
+    got = cross_attention_scores(images, captions, mask, direction="i2t", threshold_mode="uarda",
+                                 threshold=-0.9, lambda_softmax=lam, skip_irrelevant_queries=skip)
+    ref = naive_scores(images.double(), captions.double(), mask, "i2t", "lse", "uarda", -0.9, lam,
+                       skip=skip)
+    assert torch.isfinite(got).all(), got
+    assert torch.allclose(got.double(), ref, atol=1e-5), (got.double() - ref).abs().max()
+
+
+@pytest.mark.parametrize("mode,skip", [("scan", False), ("uarda", False), ("uarda", True)])
+def test_float16_matches_float32(mode, skip):
+    """Half-precision fragments (``model.half()``) take the max-subtracted softmax: the unshifted
+    exp(λ x̂) of float32 overflows float16 (caption 1 has one word, so x̂ = ±1, and 36 regions
+    times exp(9) or exp(20) alone exceed float16's 65504)."""
+    images, captions, mask = random_fragments(n_reg=36, dtype=torch.float32, seed=5)
+    kwargs = dict(direction="both", threshold_mode=mode, threshold=0.1, skip_irrelevant_queries=skip)
+    full = cross_attention_scores(images, captions, mask, **kwargs)
+    half = cross_attention_scores(images.half(), captions.half(), mask, **kwargs)
+    assert half.dtype == torch.float16 and torch.isfinite(half).all(), half
+    assert torch.allclose(half.float(), full, atol=2e-2), (half.float() - full).abs().max()
+
+
 def test_uarda_skips_queries_and_reports_it():
     images, captions, mask = random_fragments()
     _, stats = cross_attention_scores(

@@ -109,8 +109,9 @@ _TARGET_CHUNK_ELEMENTS = {"scan": 1 << 19, "uarda": 1 << 21}
 _IMAGES_PER_CHUNK = {"scan": 32, "uarda": 128}
 # Largest softmax λ for which SCAN's t2i attention skips the softmax's max subtraction (its
 # logits lie in [-λ, λ]; exp(20)² times K² stays far from float32's overflow, and exp(-20) far
-# from its underflow).
+# from its underflow). Only for these dtypes: float16 overflows at exp(11.1).
 _MAX_LAMBDA_UNSHIFTED_EXP = 20.0
+_UNSHIFTED_EXP_DTYPES = (torch.float32, torch.float64)
 
 LambdaArg = Union[None, float, Sequence[float], Dict[str, float]]
 
@@ -493,7 +494,7 @@ def _t2i_scan_attention(sim, lam, eps, inplace):
     x = F.leaky_relu(sim, 0.1)  # [ct, L, ci, R]
     norm = _scan_norm(x, 1, eps, inplace=False).unsqueeze(1)  # [ct, 1, ci, R] over the words
     logits = x.mul_(lam / norm) if inplace else x * (lam / norm)  # [ct, L, ci, R]
-    if lam > _MAX_LAMBDA_UNSHIFTED_EXP:
+    if lam > _MAX_LAMBDA_UNSHIFTED_EXP or sim.dtype not in _UNSHIFTED_EXP_DTYPES:
         return torch.softmax(logits, dim=-1), None  # [ct, L, ci, R], softmax over the regions
     # softmax without its max pass and its division pass: |x̂| <= 1 (x over its norm over the
     # words), so the logits lie in [-λ, λ] and exp cannot overflow; the caller divides the
@@ -654,7 +655,9 @@ def _attend_live_rows(s_rows, relevant, best, group, gram, query_norm, lam, eps)
     # cancels in the softmax (so it needs no gradient), keeps every exp <= 1, and the row's best
     # fragment gives 1, so the normaliser is >= 1. The 0/1 mask replaces a -inf fill (exp of
     # -inf is slow on this CPU). The normaliser is divided out of the two per-row results.
-    shifted = (s_rows - best.detach().unsqueeze(-1)).mul_(lam)  # [M, K] <= 0
+    # The clamp only changes masked entries: a padding word (s = 0) in an i2t row whose best
+    # similarity is negative would otherwise reach exp(λ|best|), overflow, and give inf · 0.
+    shifted = (s_rows - best.detach().unsqueeze(-1)).mul_(lam).clamp_max_(0.0)  # [M, K] <= 0
     attn = shifted.exp_() * relevant  # [M, K] unnormalised
     total = attn.sum(dim=-1)  # [M]
     numerator = torch.linalg.vecdot(attn, s_rows) / total  # [M]  q · c

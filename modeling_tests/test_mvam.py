@@ -49,6 +49,10 @@ def test_config_round_trip(tmp_path):
         ({"projection_dim": 0}, "projection_dim"),
         ({"diversity_weight": -0.1}, "diversity_weight"),
         ({"diversity_weight": float("nan")}, "diversity_weight"),
+        ({"diversity_weight": "0.1"}, "diversity_weight"),
+        ({"diversity_weight": float("inf")}, "diversity_weight"),
+        ({"logit_scale_init_value": None}, "logit_scale_init_value"),
+        ({"initializer_range": 0.0}, "initializer_range"),
         ({"vision_config": {"model_type": "not-a-model"}}, "vision_config"),
         ({"text_config": {"hidden_size": 8}}, "text_config"),
     ],
@@ -283,6 +287,8 @@ def test_bad_inputs_raise_clear_errors(tiny_tokenizer, mvam_processor):
         model(input_ids=batch["input_ids"][:1], attention_mask=torch.zeros_like(batch["input_ids"][:1]), pixel_values=batch["pixel_values"][:1])
     with pytest.raises(ValueError, match="shape"):
         mvam_processor(images=[np.zeros((4, 4, 5), dtype=np.uint8)])
+    with pytest.raises(ValueError, match="outside the text backbone's vocabulary"):
+        model.encode_texts(batch["input_ids"].clamp_min(len(tiny_tokenizer)))
 
 
 # --- other backbones ------------------------------------------------------------------------------

@@ -50,6 +50,15 @@ CAPTIONS4 = ["a red circle", "a small green star above a large yellow triangle",
         ({"threshold_momentum": 0.0}, "threshold_momentum"),
         ({"initial_threshold": 2.0}, "initial_threshold"),
         ({"vision_config": {"model_type": "nope"}}, "vision_config"),
+        ({"margin": "0.2"}, "margin"),
+        ({"margin": float("inf")}, "margin"),
+        ({"lambda_lse": float("inf")}, "lambda_lse"),
+        ({"lambda_softmax": [9.0, 4.0]}, "lambda_softmax"),
+        ({"threshold_alpha": None}, "threshold_alpha"),
+        ({"initial_threshold": float("nan")}, "initial_threshold"),
+        ({"max_violation": "no"}, "max_violation"),
+        ({"threshold_min_samples": 10**9}, "threshold_min_samples"),
+        ({"embed_dim": True}, "embed_dim"),
     ],
 )
 def test_config_validation_names_the_field(kwargs, field):
@@ -144,6 +153,19 @@ def test_bad_inputs(tiny_tokenizer, uarda_processor):
         model(input_ids=batch["input_ids"][:1], attention_mask=batch["attention_mask"][:1], pixel_values=batch["pixel_values"], return_loss=True)
     with pytest.raises(ValueError, match="NaN"):
         model(**{**batch, "pixel_values": batch["pixel_values"] * float("nan")})
+    # token ids the text backbone cannot embed: named, not an IndexError deep in torch
+    vocab_size, max_length = model.config.text_config.vocab_size, model.config.text_config.max_position_embeddings
+    with pytest.raises(ValueError, match=r"batch positions \[1\] lie outside the text backbone's vocabulary"):
+        model(**{**batch, "input_ids": batch["input_ids"].index_fill(0, torch.tensor([1]), vocab_size)})
+    with pytest.raises(ValueError, match="outside the text backbone's vocabulary"):
+        model(**{**batch, "input_ids": batch["input_ids"].index_fill(1, torch.tensor([0]), -100)})
+    too_long = torch.ones(2, max_length + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match=f"at most {max_length}"):
+        model(input_ids=too_long, attention_mask=too_long, pixel_values=batch["pixel_values"])
+    with pytest.raises(ValueError, match="integer token ids"):
+        model(**{**batch, "input_ids": batch["input_ids"].float()})
+    with pytest.raises(ValueError, match="attention_mask must be a tensor"):
+        model(**{**batch, "attention_mask": batch["attention_mask"].tolist()})
 
 
 def test_training_learns_threshold_and_lowers_loss(tiny_tokenizer, uarda_processor):
@@ -153,11 +175,14 @@ def test_training_learns_threshold_and_lowers_loss(tiny_tokenizer, uarda_process
     losses = []
     for _ in range(12):
         optimizer.zero_grad()
+        used = model.relevance_threshold.threshold.clone()
         out = model(**batch, return_loss=True)
+        assert torch.equal(out.threshold, used)  # the scores' threshold, not the updated one
         out.loss.backward()
         optimizer.step()
         losses.append(out.loss.item())
     threshold = model.relevance_threshold
+    assert not torch.equal(out.threshold, threshold.threshold)  # the last call moved it
     assert int(threshold.num_updates) > 0 and threshold.threshold.item() != 0.0
     assert -1 <= threshold.threshold.item() <= 1
     assert threshold.relevant_mean.item() > threshold.irrelevant_mean.item()
@@ -167,6 +192,17 @@ def test_training_learns_threshold_and_lowers_loss(tiny_tokenizer, uarda_process
     before = threshold.threshold.clone()
     model(**batch, return_loss=True)
     assert torch.equal(threshold.threshold, before)
+
+
+def test_scan_mode_reports_the_zero_threshold_it_scores_with(tiny_tokenizer, uarda_processor):
+    """scan mode's RelevanceThreshold still learns (for scoring the model in uarda mode later),
+    but its outputs report SCAN's 0, which its scores used."""
+    model = tiny_uarda(tiny_tokenizer, threshold_mode="scan").train()
+    batch = uarda_processor(text=CAPTIONS4, images=images(4))
+    for _ in range(3):
+        out = model(**batch, return_loss=True)
+    assert model.relevance_threshold.threshold.item() != 0.0
+    assert out.threshold.item() == 0.0
 
 
 def test_uarda_skips_queries_below_threshold(tiny_tokenizer, uarda_processor):

@@ -121,18 +121,36 @@ def check_pixel_values(pixel_values, vision_config: PretrainedConfig) -> None:
         raise ValueError("pixel_values contain NaN or infinite values")
 
 
-def check_text_inputs(input_ids, attention_mask) -> torch.Tensor:
+def check_text_inputs(input_ids, attention_mask, text_config: PretrainedConfig) -> torch.Tensor:
     """Validate [B, L] ``input_ids`` and their mask (all ones when ``None``); returns the mask.
-    An all-padding caption is an error: it has no word to match."""
+
+    The ids must be integers in ``[0, vocab_size)`` and no longer than the backbone's
+    ``max_position_embeddings`` (when its config has them), or the embedding lookup fails deep in
+    torch. An all-padding caption is an error: it has no word to match.
+    """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"input_ids must be a non-empty [batch, length] tensor, got {shape}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    vocab_size = getattr(text_config, "vocab_size", None)
+    if vocab_size is not None and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+        bad = ((input_ids < 0) | (input_ids >= vocab_size)).any(dim=1).nonzero().flatten().tolist()
+        raise ValueError(
+            f"input_ids at batch positions {bad[:10]} lie outside the text backbone's vocabulary [0, {vocab_size}); "
+            "tokenize with the model's processor"
+        )
+    max_length = getattr(text_config, "max_position_embeddings", None)
+    if max_length is not None and input_ids.shape[1] > max_length:
+        raise ValueError(
+            f"input_ids have {input_ids.shape[1]} tokens but the text backbone takes at most {max_length} "
+            "(max_position_embeddings); the model's processor truncates"
+        )
     if attention_mask is None:
         return torch.ones_like(input_ids)
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids shape {tuple(input_ids.shape)}"
-        )
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise ValueError(f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}, got {shape}")
     empty = (attention_mask.sum(dim=1) == 0).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"captions at batch positions {empty} are empty (attention_mask is all zeros)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from .backbones import DEFAULT_TEXT_CONFIG, DEFAULT_VISION_CONFIG, resolve_backbone_config
+from .config_checks import check_number
 
 
 class MVAMConfig(PretrainedConfig):
@@ -58,14 +59,11 @@ class MVAMConfig(PretrainedConfig):
 
     def validate_mvam(self):
         """Raise a ValueError that names the first invalid field."""
-        if not isinstance(self.num_views, int) or self.num_views < 1:
-            raise ValueError(f"num_views must be an integer >= 1, got {self.num_views!r}")
-        if not isinstance(self.projection_dim, int) or self.projection_dim < 1:
-            raise ValueError(f"projection_dim must be an integer >= 1, got {self.projection_dim!r}")
-        if not self.diversity_weight >= 0:  # also rejects NaN
-            raise ValueError(f"diversity_weight must be >= 0, got {self.diversity_weight!r}")
-        if not self.initializer_range > 0:
-            raise ValueError(f"initializer_range must be > 0, got {self.initializer_range!r}")
+        check_number("num_views", self.num_views, minimum=1, integer=True)
+        check_number("projection_dim", self.projection_dim, minimum=1, integer=True)
+        check_number("diversity_weight", self.diversity_weight, minimum=0)
+        check_number("logit_scale_init_value", self.logit_scale_init_value)
+        check_number("initializer_range", self.initializer_range, minimum=0, exclusive_minimum=True)
 
     def to_dict(self):
         output = super().to_dict()

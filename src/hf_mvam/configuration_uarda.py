@@ -5,10 +5,12 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from .backbones import DEFAULT_TEXT_CONFIG, DEFAULT_VISION_CONFIG, resolve_backbone_config
+from .config_checks import check_number
 
 THRESHOLD_MODES = ("scan", "uarda")
 DIRECTIONS = ("t2i", "i2t", "both")
 AGGREGATIONS = ("lse", "mean")
+MAX_THRESHOLD_SAMPLES = 1 << 20
 
 
 class UARDAConfig(PretrainedConfig):
@@ -30,7 +32,9 @@ class UARDAConfig(PretrainedConfig):
         threshold_mode (`str`, defaults to ``"uarda"``):
             ``"uarda"``: learned relevance threshold (NAAF's negative–positive branches around
             it); ``"scan"``: SCAN's fixed zero threshold (LeakyReLU + normalisation), the
-            baseline.
+            baseline. The relevance threshold learns in both modes (scan mode does not score
+            with it), so a SCAN-trained model can also be scored in uarda mode at the threshold
+            its own similarities give.
         direction (`str`, defaults to ``"t2i"``): ``"t2i"``, ``"i2t"`` or ``"both"`` (summed).
         aggregation (`str`, defaults to ``"lse"``): pooling over queries, ``"lse"`` (SCAN's t2i
             setting) or ``"mean"`` (NAAF's). Trained from scratch on the synthetic benchmark,
@@ -46,7 +50,8 @@ class UARDAConfig(PretrainedConfig):
         threshold_alpha (`float`, defaults to 2.0):
             The threshold solves N(t; relevant) = alpha * N(t; irrelevant) (NAAF).
         threshold_momentum (`float`, defaults to 0.7): weight of a new estimate in the update.
-        threshold_min_samples (`int`, defaults to 256): word samples collected before the first fit.
+        threshold_min_samples (`int`, defaults to 256): word samples collected before the first fit
+            (at most 2^20; the sample buffers hold max(2048, this) words each).
         initial_threshold (`float`, defaults to 0.0): SCAN's zero until the first fit.
     """
 
@@ -101,24 +106,19 @@ class UARDAConfig(PretrainedConfig):
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")
-        if self.image_feature_dim is not None and (not isinstance(self.image_feature_dim, int) or self.image_feature_dim < 1):
-            raise ValueError(f"image_feature_dim must be a positive integer or None, got {self.image_feature_dim!r}")
-        if not isinstance(self.embed_dim, int) or self.embed_dim < 1:
-            raise ValueError(f"embed_dim must be an integer >= 1, got {self.embed_dim!r}")
-        for field in ("lambda_softmax", "lambda_lse"):
-            value = getattr(self, field)
-            if value is not None and not value > 0:
-                raise ValueError(f"{field} must be > 0 (or None for SCAN's default), got {value!r}")
-        if not self.margin >= 0:
-            raise ValueError(f"margin must be >= 0, got {self.margin!r}")
-        if not self.threshold_alpha > 0:
-            raise ValueError(f"threshold_alpha must be > 0, got {self.threshold_alpha!r}")
-        if not 0 < self.threshold_momentum <= 1:
-            raise ValueError(f"threshold_momentum must be in (0, 1], got {self.threshold_momentum!r}")
-        if not isinstance(self.threshold_min_samples, int) or self.threshold_min_samples < 2:
-            raise ValueError(f"threshold_min_samples must be an integer >= 2, got {self.threshold_min_samples!r}")
-        if not -1 <= self.initial_threshold <= 1:
-            raise ValueError(f"initial_threshold must lie in [-1, 1], got {self.initial_threshold!r}")
+        check_number("image_feature_dim", self.image_feature_dim, minimum=1, integer=True, optional=True)
+        check_number("embed_dim", self.embed_dim, minimum=1, integer=True)
+        for field in ("lambda_softmax", "lambda_lse"):  # None: SCAN's / NAAF's defaults
+            check_number(field, getattr(self, field), minimum=0, exclusive_minimum=True, optional=True)
+        check_number("margin", self.margin, minimum=0)
+        if not isinstance(self.max_violation, bool):
+            raise ValueError(f"max_violation must be True or False, got {self.max_violation!r}")
+        check_number("threshold_alpha", self.threshold_alpha, minimum=0, exclusive_minimum=True)
+        check_number("threshold_momentum", self.threshold_momentum, minimum=0, maximum=1, exclusive_minimum=True)
+        # Sizes the relevance sample buffers (two float32 rings of at least this many words).
+        check_number("threshold_min_samples", self.threshold_min_samples, minimum=2, maximum=MAX_THRESHOLD_SAMPLES, integer=True)
+        check_number("initial_threshold", self.initial_threshold, minimum=-1, maximum=1)
+        check_number("initializer_range", self.initializer_range, minimum=0, exclusive_minimum=True)
 
     def to_dict(self):
         output = super().to_dict()

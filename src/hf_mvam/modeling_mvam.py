@@ -191,7 +191,7 @@ class MVAMModel(MVAMPreTrainedModel):
 
     def encode_texts(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> MVAMEncoderOutput:
         """input_ids [N, L] (+ mask) -> embedding [N, K*P], views [N, K, P], attention [N, K, L]."""
-        attention_mask = check_text_inputs(input_ids, attention_mask)
+        attention_mask = check_text_inputs(input_ids, attention_mask, self.config.text_config)
         states = text_token_states(self.text_model, input_ids, attention_mask)  # [N, L, H]
         views, attention = self.text_views(states, attention_mask)
         return MVAMEncoderOutput(

@@ -52,7 +52,8 @@ class UARDAOutput(ModelOutput):
         loss: triplet loss over in-batch negatives (with ``return_loss``).
         logits_per_image: [N_images, N_texts] cross-attention scores.
         logits_per_text: [N_texts, N_images], the transpose.
-        threshold: the relevance threshold used (0-d).
+        threshold: the relevance threshold these scores used (0-d): the learned one before this
+            call's update in uarda mode, SCAN's 0 in scan mode.
         image_fragments: [N_images, R, D] unit-norm region fragments.
         text_fragments: [N_texts, L, D] unit-norm word fragments.
         text_mask: [N_texts, L] real-word mask.
@@ -123,7 +124,7 @@ class UARDAModel(UARDAPreTrainedModel):
 
     def encode_texts(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
         """Word fragments [N, L, D] (unit norm) and the real-word mask [N, L]."""
-        attention_mask = check_text_inputs(input_ids, attention_mask)
+        attention_mask = check_text_inputs(input_ids, attention_mask, self.config.text_config)
         states = text_token_states(self.text_model, input_ids, attention_mask)  # [N, L, H]
         return F.normalize(self.word_projection(states), dim=-1), attention_mask.bool()
 
@@ -191,6 +192,10 @@ class UARDAModel(UARDAPreTrainedModel):
                 f"images and {text_fragments.shape[0]} captions"
             )
         scores = self.score(image_fragments, text_fragments, text_mask)  # [N_i, N_t]
+        # The threshold these scores used, before this batch updates it (scan mode: SCAN's 0).
+        threshold = self.relevance_threshold.threshold.clone()
+        if self.config.threshold_mode == "scan":
+            threshold.zero_()
         loss = None
         if return_loss:
             loss = triplet_loss(scores, self.config.margin, self.config.max_violation)
@@ -202,7 +207,7 @@ class UARDAModel(UARDAPreTrainedModel):
             loss=loss,
             logits_per_image=scores,
             logits_per_text=scores.t(),
-            threshold=self.relevance_threshold.threshold.clone(),
+            threshold=threshold,
             image_fragments=image_fragments,
             text_fragments=text_fragments,
             text_mask=text_mask,

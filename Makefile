@@ -17,7 +17,7 @@ venv: $(VENV)/.installed
 # The main job: train MVAM on the built-in synthetic benchmark, evaluate, write the hub-ready
 # folder, then reload it with AutoModel in a fresh process and check its metrics.
 demo: venv
-	$(PY) training/run.py --output_dir outputs/mvam-synthetic
+	$(PY) training/run.py --output_dir outputs/mvam-synthetic --overwrite_output_dir
 	$(PY) training/check_folder.py outputs/mvam-synthetic
 
 test: venv

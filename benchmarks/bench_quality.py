@@ -61,7 +61,7 @@ def train(name: str, flags: list[str], seed: int, args) -> dict:
     """Run training/run.py in a subprocess; returns its eval_results.json plus wall time."""
     output_dir = args.out_dir / "tmp" / f"{_slug(name)}-seed{seed}"
     command = [sys.executable, str(ROOT / "training" / "run.py"), *flags, "--seed", str(seed), "--max_steps", str(args.steps),
-               "--output_dir", str(output_dir), "--eval_steps", str(10**9), "--save_steps", str(10**9), "--report_to", "none"]
+               "--output_dir", str(output_dir), "--eval_steps", str(10**9), "--save_steps", str(10**9), "--report_to", "none", "--overwrite_output_dir"]
     command += TINY_FLAGS if args.tiny else []
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from conftest import TINY_TEXT, TINY_VISION, run_fresh_python
 from hf_mvam import hub
 from hf_mvam.data.synthetic import generate_synthetic_benchmark
-from hf_mvam.training_utils import TrainerState, latest_checkpoint, list_checkpoints
+from hf_mvam.training_utils import TrainerState, latest_checkpoint, list_checkpoints, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -280,18 +280,69 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path):
     assert not partial.exists() and [c.name for c in list_checkpoints(second / "checkpoints")] == ["checkpoint_3", "checkpoint_6"]
 
 
-def test_a_fresh_start_removes_the_checkpoints_of_an_earlier_run(tmp_path):
-    old = tmp_path / "checkpoints" / "checkpoint_9"
-    (old / "processor").mkdir(parents=True)
-    (old / "trainer_state.json").write_text(TrainerState(global_step=9).to_json())
+def _fake_checkpoint(checkpoints: Path, step: int) -> Path:
+    folder = checkpoints / f"checkpoint_{step}"
+    (folder / "processor").mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(TrainerState(global_step=step).to_json())
+    return folder
+
+
+def test_checkpoints_this_run_would_not_continue_are_refused_or_overwritten(tmp_path):
+    """Checkpoints of an earlier run are never deleted silently: a fresh start refuses beside them,
+    --resume_from_checkpoint latest continues them, --overwrite_output_dir deletes them; resuming
+    from an earlier checkpoint does the same with the later ones (an abandoned run's)."""
+    checkpoints = tmp_path / "checkpoints"
+    first, later = _fake_checkpoint(checkpoints, 9), _fake_checkpoint(checkpoints, 12)
     accelerator = Accelerator(cpu=True)
+
+    def start(*flags):
+        *_, args = run.parse_arguments(["--output_dir", str(tmp_path), *flags])
+        return run.starting_checkpoint(args, accelerator)
+
     try:
-        *_, resuming = run.parse_arguments(["--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
-        assert run.starting_checkpoint(resuming, accelerator) == old
-        *_, fresh = run.parse_arguments(["--output_dir", str(tmp_path)])
-        assert run.starting_checkpoint(fresh, accelerator) is None and not old.exists()
+        assert start("--resume_from_checkpoint", "latest") == later
+        with pytest.raises(SystemExit, match=r"holds checkpoints this run would not continue \(checkpoint_9, checkpoint_12\)"):
+            start()
+        with pytest.raises(SystemExit, match=r"would not continue \(checkpoint_12\)"):
+            start("--resume_from_checkpoint", str(first))
+        assert first.exists() and later.exists()
+        assert start("--resume_from_checkpoint", str(first), "--overwrite_output_dir") == first
+        assert first.exists() and not later.exists()
+        assert start("--overwrite_output_dir") is None and not checkpoints.exists()
+        (checkpoints / ".tmp-checkpoint_3").mkdir(parents=True)  # a save killed half-way
+        assert start() is None and not checkpoints.exists()
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+class _MainProcess:
+    """The two calls save_checkpoint makes of an Accelerator, on one process."""
+
+    is_main_process = True
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, folder):
+        Path(folder, "model.safetensors").write_text(Path(folder).name)
+
+
+class _Processor:
+    def save_pretrained(self, folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+
+
+def test_save_checkpoint_replaces_the_same_step_and_keeps_the_new_one(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    first = save_checkpoint(_MainProcess(), checkpoints, TrainerState(global_step=5), 1, _Processor())
+    (first / "stale.txt").write_text("from the first save")
+    again = save_checkpoint(_MainProcess(), checkpoints, TrainerState(global_step=5), 1, _Processor())
+    assert again == first and not (again / "stale.txt").exists()
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint_5"]  # nothing left aside
+    # a later step on disk (an older run's) never makes the prune delete the checkpoint just written
+    _fake_checkpoint(checkpoints, 30)
+    newest = save_checkpoint(_MainProcess(), checkpoints, TrainerState(global_step=8), 1, _Processor())
+    assert newest.is_dir() and (newest / "trainer_state.json").is_file()
 
 
 # --- arguments and data that must be refused before training ------------------------------------
@@ -328,7 +379,13 @@ def test_arguments_from_json_and_yaml(tmp_path):
 
 
 def test_bad_data_is_refused_before_training(tmp_path, imagefolder, scan_features):
+    unreadable_test = tmp_path / "unreadable_test"  # every test image skipped: nothing to evaluate
+    shutil.copytree(imagefolder / "train", unreadable_test / "train")
+    (unreadable_test / "test").mkdir()
+    (unreadable_test / "test" / "0.png").write_bytes(b"not a png")
+    (unreadable_test / "test" / "metadata.jsonl").write_text(json.dumps({"file_name": "0.png", "captions": ["a star"]}))
     cases = [
+        (["--data", unreadable_test], "the test split has no usable image"),
         (["--data", tmp_path / "missing_folder"], "does not exist"),
         (["--data", imagefolder, "--caption_column", "alt"], "caption column 'alt'"),
         (["--data", scan_features], "only --model_type uarda"),

@@ -45,7 +45,7 @@ from hf_mvam.training_utils import (
     TRAINER_STATE_NAME,
     TRAINING_ARGS_NAME,
     TrainerState,
-    latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     load_splits,
     save_checkpoint,
@@ -175,6 +175,10 @@ class TrainingArguments:
     resume_from_checkpoint: Optional[str] = option(
         None, "'latest' (the newest in OUTPUT_DIR/checkpoints, if there is one) or a checkpoint folder."
     )
+    overwrite_output_dir: bool = option(
+        False, "Delete the checkpoints in OUTPUT_DIR/checkpoints that this run would not continue "
+        "(all of them on a fresh start) instead of refusing to start."
+    )
     push_to_hub: bool = option(False, "Upload the model folder (without checkpoints) to --hub_model_id.")
     hub_model_id: Optional[str] = option(None, "Hub repository: 'name' or 'owner/name'.")
     hub_token: Optional[str] = option(None, "Hub token (default: the saved login or HF_TOKEN).")
@@ -242,6 +246,9 @@ def load_data(data_args: DataArguments, accelerator: Accelerator):
         report_skipped(stats)
     if "train" not in splits or not {"test", "validation"} & set(splits):
         fail(f"the data needs a 'train' split and a 'test' or 'validation' split; it has {list(splits)}")
+    for split in {"train", "validation", "test"} & set(splits):
+        if len(splits[split]) == 0:  # e.g. every image skipped: a wrong image_root
+            fail(f"the {split} split has no usable image with a caption (see the skipped ones above)")
     return splits, name, "test" if "test" in splits else "validation"
 
 
@@ -280,21 +287,37 @@ def build_train_loader(train_split, processor, data_args: DataArguments, train_a
 
 def starting_checkpoint(train_args: TrainingArguments, accelerator: Accelerator) -> Path | None:
     """The checkpoint to resume from: --resume_from_checkpoint's folder, or with 'latest' the newest
-    complete one in OUTPUT_DIR/checkpoints. A run that starts afresh removes the checkpoints an
-    earlier run left there, so that 'latest' can only ever mean this run's."""
+    complete one in OUTPUT_DIR/checkpoints (``None``: start afresh).
+
+    Checkpoints in OUTPUT_DIR/checkpoints that this run would not continue (all of them on a fresh
+    start or when resuming from elsewhere; the later ones when resuming from an earlier one of them)
+    would shadow this run's under 'latest' and outrank them when old ones are pruned, since both go
+    by step. The run refuses to start beside them, unless --overwrite_output_dir deletes them.
+    """
     checkpoints = Path(train_args.output_dir) / "checkpoints"
-    if train_args.resume_from_checkpoint not in (None, "latest"):
-        checkpoint = Path(train_args.resume_from_checkpoint)
-        if not (checkpoint / TRAINER_STATE_NAME).is_file() or not (checkpoint / PROCESSOR_DIR).is_dir():
-            fail(f"--resume_from_checkpoint {checkpoint} is not a complete checkpoint of training/run.py")
-        return checkpoint
-    if train_args.resume_from_checkpoint == "latest" and (checkpoint := latest_checkpoint(checkpoints)):
-        return checkpoint
-    if checkpoints.exists() and accelerator.is_main_process:
-        logger.warning(f"starting afresh: removing the checkpoints of an earlier run in {checkpoints}")
-        shutil.rmtree(checkpoints)
+    existing = list_checkpoints(checkpoints)  # complete ones, by step
+    start = None
+    if train_args.resume_from_checkpoint == "latest":
+        start = existing[-1] if existing else None
+    elif train_args.resume_from_checkpoint is not None:
+        start = Path(train_args.resume_from_checkpoint)
+        if not (start / TRAINER_STATE_NAME).is_file() or not (start / PROCESSOR_DIR).is_dir():
+            fail(f"--resume_from_checkpoint {start} is not a complete checkpoint of training/run.py")
+    resolved = [path.resolve() for path in existing]
+    stale = existing[resolved.index(start.resolve()) + 1:] if start is not None and start.resolve() in resolved else existing
+    if stale and not train_args.overwrite_output_dir:
+        fail(
+            f"{checkpoints} holds checkpoints this run would not continue ({', '.join(p.name for p in stale)}); "
+            "pass --resume_from_checkpoint latest to continue the newest, or --overwrite_output_dir to delete them"
+        )
+    if accelerator.is_main_process:
+        for path in stale:
+            logger.warning(f"--overwrite_output_dir: removing {path}")
+            shutil.rmtree(path)
+        if start is None and checkpoints.exists():  # only incomplete leftovers remain
+            shutil.rmtree(checkpoints)
     accelerator.wait_for_everyone()
-    return None
+    return start
 
 
 def build_processor(model_args: ModelArguments, train_split, accelerator: Accelerator, checkpoint: Path | None):

@@ -159,8 +159,8 @@ def save_checkpoint(
     through ``accelerator.save_state`` into ``.tmp-checkpoint_<step>``; the main process adds
     ``trainer_state.json`` and the processor (``processor/``: a tokenizer trained for the run
     must be reused as it was) and renames the folder to ``checkpoint_<step>`` (replacing one of the
-    same step, e.g. from an abandoned later run), then deletes all but the newest ``total_limit``
-    complete checkpoints (``None``: keep all).
+    same step), then deletes all but the newest ``total_limit`` complete checkpoints (by step; never
+    the new one; ``None``: keep all).
 
     Returns:
         the path of the new checkpoint.
@@ -177,12 +177,19 @@ def save_checkpoint(
     if accelerator.is_main_process:
         processor.save_pretrained(temporary / PROCESSOR_DIR)
         (temporary / TRAINER_STATE_NAME).write_text(state.to_json())
+        # A checkpoint of the same step (a run resumed from its last one saves that step again) is
+        # renamed aside, not deleted, until the new one is in place: no moment without a complete one
+        # but the one between two renames.
+        replaced = checkpoints_dir / f".old-{final.name}"
+        shutil.rmtree(replaced, ignore_errors=True)
         if final.exists():
-            shutil.rmtree(final)
+            os.replace(final, replaced)
         os.replace(temporary, final)
+        shutil.rmtree(replaced, ignore_errors=True)
         if total_limit is not None:
             for old in list_checkpoints(checkpoints_dir)[:-total_limit]:
-                shutil.rmtree(old)
+                if old != final:  # never the one just written (run.py refuses later ones anyway)
+                    shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
 

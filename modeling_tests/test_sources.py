@@ -1,15 +1,21 @@
-"""Tests for hf_mvam.data.sources: every kind of source, bad data, and the error messages."""
+"""Tests for hf_mvam.data.sources (every kind of source, bad data, the error messages), and for the
+image loading and region-feature stacking the loaded data goes through."""
 
 import io
 import json
 import os
+import types
 
 import datasets
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from hf_mvam.data.collate import ImageCaptionCollator, ImageCaptionPairs
 from hf_mvam.data.sources import load_image_caption_dataset
+from hf_mvam.evaluation import encode_split
+from hf_mvam.image_loading import load_image
 
 
 @pytest.fixture(autouse=True)
@@ -178,6 +184,20 @@ def test_imagefolder_csv_repeated_rows_become_one_image(tmp_path):
     assert stats["skipped_images"] == []
 
 
+def test_imagefolder_numeric_captions_are_dropped_and_counted(tmp_path):
+    root = tmp_path / "numeric"
+    png(root / "a.png")
+    png(root / "b.png")
+    (root / "metadata.csv").write_text("file_name,caption\na.png,1\nb.png,2.5\n")  # a number column
+    splits, stats = load_image_caption_dataset(str(root))
+    assert stats["num_images"] == {"train": 0}
+    assert stats["skipped_captions"] == 2
+    assert sorted((os.path.basename(name), reason) for _, name, reason in stats["skipped_images"]) == [
+        ("a.png", "no caption left after dropping empty ones"),
+        ("b.png", "no caption left after dropping empty ones"),
+    ]
+
+
 # --- 3. Karpathy JSON ------------------------------------------------------------------------
 
 
@@ -259,6 +279,47 @@ def test_karpathy_json_errors(tmp_path):
     broken.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_image_caption_dataset(str(broken), image_root=str(tmp_path))
+
+
+def test_karpathy_json_variations(tmp_path):
+    images = tmp_path / "images"
+    for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg"):
+        png(images / name)
+    content = {
+        "images": [
+            {"filename": "a.jpg", "sentences": ["a plain string", {"raw": "a raw one"}]},
+            {
+                "filename": "b.jpg",
+                "sentences": [
+                    {"raw": 123},  # not text: dropped, not kept as "123"
+                    {"raw": 123, "tokens": ["two", "cats"]},
+                    {"raw": None, "tokens": ["a", None]},  # dropped
+                    {"tokens": []},  # dropped
+                    42,  # dropped
+                ],
+            },
+            {"filename": "c.jpg", "sentences": "one sentence"},  # not a list
+            {"filename": "d.jpg", "sentences": [{"raw": 7}]},  # left without captions
+            "not an entry",
+            {"filename": 5, "split": "val", "sentences": ["x"]},
+            {"filename": "a.jpg", "filepath": 3, "sentences": ["x"]},
+        ]
+    }
+    json_path = tmp_path / "karpathy.json"
+    json_path.write_text(json.dumps(content))
+    splits, stats = load_image_caption_dataset(str(json_path), image_root=str(images))
+    assert splits["train"]["captions"] == [
+        ["a plain string", "a raw one"],
+        ["two cats"],
+        ["one sentence"],
+    ]
+    assert stats["skipped_captions"] == 5
+    assert stats["skipped_images"] == [
+        ("train", "images[4]", "the JSON entry is a str, not an object"),
+        ("validation", "images[5]", "filename 5 in the JSON entry is not a string"),
+        ("train", "images[6]", "filepath 3 in the JSON entry is not a string"),
+        ("train", os.path.join(str(images), "d.jpg"), "no caption left after dropping empty ones"),
+    ]
 
 
 # --- 4. SCAN precomputed features ------------------------------------------------------------
@@ -435,3 +496,107 @@ def test_unsupported_file_and_empty_folder(tmp_path):
     empty.mkdir()
     with pytest.raises(ValueError, match=f"cannot read the folder {empty}"):
         load_image_caption_dataset(str(empty))
+
+
+# --- Image loading ---------------------------------------------------------------------------
+
+
+def test_corrupt_header_is_skipped_and_named(tmp_path):
+    root = tmp_path / "bomb"
+    root.mkdir()
+    Image.new("RGB", (8, 8)).save(root / "ok.bmp")
+    header = bytearray((root / "ok.bmp").read_bytes())
+    header[18:26] = (100_000).to_bytes(4, "little") * 2  # claims 100000 x 100000 pixels
+    (root / "huge.bmp").write_bytes(bytes(header))  # Pillow raises DecompressionBombError
+    (root / "metadata.csv").write_text("file_name,caption\nok.bmp,fine\nhuge.bmp,corrupt\n")
+    splits, stats = load_image_caption_dataset(str(root))
+    assert splits["train"]["captions"] == [["fine"]]
+    [(split, name, reason)] = stats["skipped_images"]
+    assert os.path.basename(name) == "huge.bmp" and reason.startswith("cannot read image")
+    with pytest.raises(ValueError, match="cannot read image .*huge.bmp"):
+        load_image(str(root / "huge.bmp"))
+
+
+def test_sixteen_bit_and_other_high_depth_images(tmp_path):
+    values = np.array([[65535, 32896], [0, 257]], dtype=np.uint16)  # / 257 -> 255, 128, 0, 1
+    expected = [[255, 128], [0, 1]]
+    path = tmp_path / "deep.png"
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode == "I;16"
+    for image in (str(path), values, values.astype(">u2"), Image.fromarray(values.astype(">u2"))):
+        rgb = load_image(image)
+        assert rgb.mode == "RGB"
+        assert np.asarray(rgb)[..., 0].tolist() == expected
+        assert np.asarray(rgb)[0, 0].tolist() == [255, 255, 255]
+    # Mode I (int32) holds 8-bit values; mode F floats in [0, 1].
+    assert load_image(Image.fromarray(np.full((2, 2), 200, np.int32))).getpixel((0, 0)) == (200,) * 3
+    assert load_image(Image.fromarray(np.full((2, 2), 0.5, np.float32))).getpixel((0, 0)) == (128,) * 3
+    with pytest.raises(ValueError, match=r"int32 images must lie in \[0, 255\].*\[0, 40000\]"):
+        load_image(Image.fromarray(np.array([[0, 40000]], np.int32)), name="deep.tif")
+    with pytest.raises(ValueError, match=r"float images must lie in \[0, 1\]"):
+        load_image(Image.fromarray(np.full((2, 2), 200.0, np.float32)))
+
+
+def test_integer_arrays_are_eight_bit_values():
+    assert load_image(np.full((2, 2, 3), 200, np.int64)).getpixel((0, 0)) == (200, 200, 200)
+    assert load_image(np.ones((2, 2), np.int64)).getpixel((0, 0)) == (1, 1, 1)  # not scaled to 255
+    assert load_image(np.full((2, 2), 0.5)).getpixel((0, 0)) == (128, 128, 128)
+    assert load_image(np.array([[True, False]])).getpixel((0, 0)) == (255, 255, 255)
+    with pytest.raises(ValueError, match=r"cannot use pic: int64 images must lie in \[0, 255\].*300"):
+        load_image(np.array([[0, 300]], np.int64), name="pic")
+    with pytest.raises(ValueError, match=r"int8 images must lie in \[0, 255\].*-1"):
+        load_image(np.array([[0, -1]], np.int8))
+    with pytest.raises(ValueError, match="data type complex128"):
+        load_image(np.zeros((2, 2), complex))
+
+
+# --- Precomputed features with different region counts ----------------------------------------
+
+
+def varying_region_features(tmp_path):
+    """A split of three images with 20, 36 and 20 regions of 4 features."""
+    dataset = datasets.Dataset.from_dict(
+        {
+            "image_features": [np.ones((r, 4)).tolist() for r in (20, 36, 20)],
+            "caption": ["a b", "c d", "e f"],
+        }
+    )
+    dataset.save_to_disk(str(tmp_path / "saved"))
+    splits, _ = load_image_caption_dataset(str(tmp_path / "saved"))
+    assert splits["train"].features["image_features"] == datasets.Array2D((None, 4), "float32")
+    return splits["train"]
+
+
+class _Processor:
+    def __call__(self, text, return_tensors):
+        return {"input_ids": torch.zeros(len(text), 3, dtype=torch.long)}
+
+
+def test_collator_needs_the_same_number_of_regions(tmp_path):
+    pairs = ImageCaptionPairs(varying_region_features(tmp_path))
+    collate = ImageCaptionCollator(_Processor())
+    batch = collate(pairs.__getitems__([0, 2]))
+    assert batch["image_features"].shape == (2, 20, 4)
+    assert batch["image_features"].dtype == torch.float32
+    with pytest.raises(ValueError, match=r"regions per image \(\{20, 36\}\).*pad or subsample"):
+        collate(pairs.__getitems__([0, 1]))
+
+
+class _RegionModel(torch.nn.Module):
+    """Stands in for a UARDA model: regions pass through unchanged."""
+
+    config = types.SimpleNamespace(model_type="uarda")
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def encode_images(self, image_features):
+        return image_features
+
+
+@pytest.mark.parametrize("batch_size", [3, 1])  # within one chunk, and across chunks
+def test_evaluation_needs_the_same_number_of_regions(tmp_path, batch_size):
+    split = varying_region_features(tmp_path)
+    with pytest.raises(ValueError, match=r"regions per image \(\{20, 36\}\)"):
+        encode_split(_RegionModel(), None, split, batch_size=batch_size)

@@ -12,6 +12,7 @@ every (image, caption) pair of the split, images in order, captions in order wit
   so a resumed run sees exactly the batches it would have seen.
 - :class:`ImageCaptionCollator` — runs the processor on a list of pairs.
 - :func:`flatten_captions` — every caption of a split and the image each belongs to, for evaluation.
+- :func:`stack_region_features` — precomputed ``[R, F]`` region features of a batch as ``[B, R, F]``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-__all__ = ["CaptionPairSampler", "ImageCaptionCollator", "ImageCaptionPairs", "flatten_captions"]
+__all__ = [
+    "CaptionPairSampler",
+    "ImageCaptionCollator",
+    "ImageCaptionPairs",
+    "check_region_counts",
+    "flatten_captions",
+    "stack_region_features",
+]
 
 
 def flatten_captions(split) -> tuple[list[str], torch.Tensor]:
@@ -34,6 +42,34 @@ def flatten_captions(split) -> tuple[list[str], torch.Tensor]:
     captions = [caption for image_captions in per_image for caption in image_captions]
     counts = torch.tensor([len(image_captions) for image_captions in per_image], dtype=torch.long)  # [N]
     return captions, torch.repeat_interleave(torch.arange(len(per_image)), counts)  # [num_texts]
+
+
+def check_region_counts(counts) -> None:
+    """Raise a clear error unless every image has the same number of regions.
+
+    Precomputed features may hold a different number of regions per image (the loaders allow
+    ``Array2D((None, F))``), but the model takes ``[B, R, F]``: one ``R`` for all images.
+
+    Args:
+        counts: the number of regions of each image (any iterable of ints).
+
+    Raises:
+        ValueError: more than one distinct count; the message lists them.
+    """
+    counts = sorted(set(counts))
+    if len(counts) > 1:
+        raise ValueError(
+            f"precomputed image_features have different numbers of regions per image "
+            f"({{{', '.join(map(str, counts))}}}): every image needs the same number of regions "
+            "(pad or subsample them when preparing the data)"
+        )
+
+
+def stack_region_features(features) -> torch.Tensor:
+    """The ``[R, F]`` region features of each image (numpy arrays or tensors) as one ``[B, R, F]``
+    tensor, after :func:`check_region_counts`."""
+    check_region_counts(len(image_features) for image_features in features)
+    return torch.as_tensor(np.stack([np.asarray(image_features) for image_features in features]))  # [B, R, F]
 
 
 class ImageCaptionPairs(Dataset):
@@ -117,6 +153,6 @@ class ImageCaptionCollator:
         captions = [pair["caption"] for pair in pairs]
         if "image_features" in pairs[0]:
             batch = dict(self.processor(text=captions, return_tensors="pt"))
-            batch["image_features"] = torch.as_tensor(np.stack([pair["image_features"] for pair in pairs]))  # [B, R, F]
+            batch["image_features"] = stack_region_features([pair["image_features"] for pair in pairs])  # [B, R, F]
             return batch
         return dict(self.processor(text=captions, images=[pair["image"] for pair in pairs], return_tensors="pt"))

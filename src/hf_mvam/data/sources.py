@@ -209,7 +209,11 @@ def _load_other_folder(folder: str) -> datasets.DatasetDict:
 def _load_karpathy(
     json_path: str, image_root: str | None, skipped_images: list[tuple[str, str, str]]
 ) -> datasets.DatasetDict:
-    """Read ``images[].{filepath, filename, split, sentences[].raw}`` into common-format splits."""
+    """Read ``images[].{filepath, filename, split, sentences[].raw}`` into common-format splits.
+
+    Entries that are not objects or lack a string filename are skipped into ``skipped_images``;
+    a sentence may also be a plain string, or give only its ``tokens``.
+    """
     if image_root is None:
         raise ValueError(
             f"{json_path} is read as a Karpathy split JSON, whose images live elsewhere: pass "
@@ -229,15 +233,28 @@ def _load_karpathy(
 
     columns: dict[str, dict[str, list]] = {}
     for index, entry in enumerate(content["images"]):
-        split = _split_name(str(entry.get("split", "train")))
-        if not entry.get("filename"):
-            skipped_images.append((split, f"images[{index}]", "no filename in the JSON entry"))
+        if not isinstance(entry, dict):
+            # Its split is unknown: reported under the default one.
+            reason = f"the JSON entry is a {type(entry).__name__}, not an object"
+            skipped_images.append(("train", f"images[{index}]", reason))
             continue
-        path = os.path.join(image_root, entry.get("filepath") or "", entry["filename"])
-        captions = [
-            sentence.get("raw") or " ".join(sentence.get("tokens", []))
-            for sentence in entry.get("sentences", [])
-        ]
+        split = _split_name(str(entry.get("split", "train")))
+        filename, filepath = entry.get("filename"), entry.get("filepath") or ""
+        reason = ""
+        if not filename:
+            reason = "no filename in the JSON entry"
+        elif not isinstance(filename, str):
+            reason = f"filename {filename!r} in the JSON entry is not a string"
+        elif not isinstance(filepath, str):
+            reason = f"filepath {filepath!r} in the JSON entry is not a string"
+        if reason:
+            skipped_images.append((split, f"images[{index}]", reason))
+            continue
+        path = os.path.join(image_root, filepath, filename)
+        sentences = entry.get("sentences") or []
+        if not isinstance(sentences, list):  # a single sentence
+            sentences = [sentences]
+        captions = [_karpathy_caption(sentence) for sentence in sentences]
         split_columns = columns.setdefault(split, {"image": [], "captions": []})
         split_columns["image"].append(path)
         split_columns["captions"].append(captions)
@@ -251,6 +268,22 @@ def _load_karpathy(
             for split in _ordered(columns)
         }
     )
+
+
+def _karpathy_caption(sentence: Any) -> str:
+    """A sentence's text: the sentence itself if it is a string, else its ``raw`` string, else
+    its ``tokens`` joined. Anything else is ``""``: dropped (and counted) with the empty captions.
+    """
+    if isinstance(sentence, str):
+        return sentence
+    if not isinstance(sentence, dict):
+        return ""
+    raw, tokens = sentence.get("raw"), sentence.get("tokens")
+    if isinstance(raw, str) and raw.strip():
+        return raw
+    if isinstance(tokens, list) and all(isinstance(token, str) for token in tokens):
+        return " ".join(tokens)
+    return ""
 
 
 # --- SCAN precomputed features ----------------------------------------------------------------
@@ -504,7 +537,7 @@ def _caption_lists(values: list) -> dict[str, list[list[str]]]:
     """
     lists = []
     for value in values:
-        if value is None or isinstance(value, (str, dict)):
+        if not isinstance(value, list):  # one cell: a string, a dict, a number, None, ...
             value = [value]
         captions = [item.get("raw") if isinstance(item, dict) else item for item in value]
         lists.append([caption if isinstance(caption, str) else "" for caption in captions])

@@ -77,16 +77,24 @@ def test_any_caption_counts_for_image_to_text():
     scores = torch.tensor([[0.0, 5.0, 1.0], [0.0, 0.0, 9.0]])
     result = recall_at_k(scores, torch.tensor([0, 0, 1]), ks=(1,))
     assert result["i2t_R@1"] == 100.0
-    assert result["t2i_R@1"] == 100.0  # text 0 ties at 0.0 with image 1: counts as a hit
+    assert result["t2i_R@1"] == pytest.approx(200 / 3)  # text 0 ties at 0.0 with image 1: a miss
 
 
-def test_ties_count_in_the_querys_favour():
+def test_ties_count_against_the_query():
     scores = torch.tensor([[1.0, 1.0], [1.0, 0.5]])
-    result = recall_at_k(scores, torch.tensor([0, 1]), ks=(1,))
-    # Image 0: text 1 ties with its caption (not strictly higher) -> hit. Image 1: text 0 beats it.
-    assert result["i2t_R@1"] == 50.0
-    # Text 0: image 1 ties with image 0 -> hit. Text 1: image 0 scores higher -> miss.
-    assert result["t2i_R@1"] == 50.0
+    result = recall_at_k(scores, torch.tensor([0, 1]), ks=(1, 2))
+    # Image 0: text 1 ties with its caption -> rank 1, a miss at 1. Image 1: text 0 beats it.
+    assert result["i2t_R@1"] == 0.0 and result["i2t_R@2"] == 100.0
+    # Text 0: image 1 ties with image 0 -> miss. Text 1: image 0 scores higher -> miss.
+    assert result["t2i_R@1"] == 0.0 and result["t2i_R@2"] == 100.0
+
+
+def test_a_collapsed_model_gets_no_hit():
+    """All scores equal (collapsed embeddings): every other candidate ties with the ground truth."""
+    result = recall_at_k(torch.zeros(3, 15), torch.arange(15) // 5)
+    # i2t: 10 other texts tie, so rank 10 (>= 10): no hit even at 10; t2i: 2 other images tie.
+    assert result["i2t_R@1"] == result["i2t_R@5"] == result["i2t_R@10"] == 0.0
+    assert result["t2i_R@1"] == 0.0 and result["t2i_R@5"] == result["t2i_R@10"] == 100.0
 
 
 @pytest.mark.parametrize("seed", range(4))

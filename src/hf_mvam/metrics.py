@@ -6,9 +6,10 @@ a better match; MVAM gives embedding dot products, UARDA its cross-attention sco
 ``text_to_image``, a ``[num_texts]`` integer tensor giving the index of each caption's image.
 An image may have several captions (5 in Flickr30K and MSCOCO).
 
-Ranks are computed by counting how many candidates score strictly higher than the ground
+Ranks are computed by counting how many other candidates score at least as high as the ground
 truth, in row chunks, so the full ``argsort`` of a 5,000 x 25,000 matrix is never built. Ties
-therefore count in the query's favour.
+therefore count against the query: a collapsed model whose scores are all equal gets no hit
+(counting them in its favour would give it a perfect rSum).
 
 This file also defines :class:`RetrievalRecall`, an ``evaluate.Metric``, so it can be loaded with
 ``evaluate.load("path/to/metrics.py")``. For that reason it imports only third-party packages.
@@ -37,8 +38,8 @@ def recall_at_k(scores, text_to_image, ks: Sequence[int] = DEFAULT_KS) -> dict[s
     """Recall@K for image→text and text→image retrieval, in percent.
 
     Image→text: an image query hits at K if any of its captions is ranked in the top K, where the
-    rank of the best caption is the number of texts scoring strictly higher than it.
-    Text→image: a caption hits at K if fewer than K images score strictly higher than its own.
+    rank of the best caption is the number of the other images' texts scoring at least as high.
+    Text→image: a caption hits at K if fewer than K other images score at least as high as its own.
 
     Args:
         scores: ``[num_images, num_texts]`` tensor or array of similarity scores (no NaN).
@@ -260,9 +261,9 @@ def _ranks(scores: torch.Tensor, text_to_image: torch.Tensor) -> tuple[torch.Ten
     """0-based rank of each image's best caption and of each caption's image, by counting.
 
     Returns:
-        ``image_ranks`` ``[num_images]``: texts scoring strictly higher than the image's best
-        caption; ``text_ranks`` ``[num_texts]``: images scoring strictly higher than the caption's
-        own image.
+        ``image_ranks`` ``[num_images]``: other images' texts scoring at least as high as the
+        image's best caption; ``text_ranks`` ``[num_texts]``: other images scoring at least as high
+        as the caption's own image (ties count against the query).
     """
     num_images, num_texts = scores.shape
     # Score of every caption with its own image.
@@ -276,8 +277,8 @@ def _ranks(scores: torch.Tensor, text_to_image: torch.Tensor) -> tuple[torch.Ten
         rows = torch.arange(first, first + chunk.shape[0], device=device)  # [rows]
         is_own = text_to_image.unsqueeze(0) == rows.unsqueeze(1)  # [rows, num_texts]
         best = chunk.masked_fill(~is_own, float("-inf")).amax(dim=1)  # [rows]
-        image_ranks[first : first + chunk.shape[0]] = (chunk > best.unsqueeze(1)).sum(dim=1)
-        text_ranks += (chunk > own_scores.unsqueeze(0)).sum(dim=0)
+        image_ranks[first : first + chunk.shape[0]] = ((chunk >= best.unsqueeze(1)) & ~is_own).sum(dim=1)
+        text_ranks += ((chunk >= own_scores.unsqueeze(0)) & ~is_own).sum(dim=0)
     return image_ranks, text_ranks
 
 

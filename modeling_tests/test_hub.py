@@ -323,3 +323,12 @@ def test_upload_list_matches_huggingface_hub_filtering(tmp_path, monkeypatch):
         HfApi(), folder, "", ignore_patterns=hub.UPLOAD_IGNORE_PATTERNS + DEFAULT_IGNORE_PATTERNS, repo_type="model"
     )
     assert sorted(op.path_in_repo for op in operations) == EXPECTED_UPLOAD == hub.list_upload_files(folder)
+
+
+def test_card_names_the_split_the_results_come_from():
+    """Data without a test split is evaluated on validation: the card and model-index say so."""
+    assert "on the test split of Synthetic shapes" in str(_card())
+    card = _card(dataset_split="validation")
+    assert "on the validation split of Synthetic shapes" in str(card)
+    splits = {result.dataset_split for result in card.data.eval_results}
+    assert splits == {"validation"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import logging
 import shutil
 import subprocess
@@ -25,7 +26,8 @@ from safetensors.torch import load_file
 from conftest import TINY_TEXT, TINY_VISION, run_fresh_python
 from hf_mvam import hub
 from hf_mvam.data.synthetic import generate_synthetic_benchmark
-from hf_mvam.training_utils import TrainerState, latest_checkpoint, list_checkpoints, save_checkpoint
+from hf_mvam import MVAMConfig, MVAMModel
+from hf_mvam.training_utils import TrainerState, clamp_logit_scale, latest_checkpoint, list_checkpoints, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -346,6 +348,16 @@ def test_save_checkpoint_replaces_the_same_step_and_keeps_the_new_one(tmp_path):
 
 
 # --- arguments and data that must be refused before training ------------------------------------
+
+
+def test_logit_scale_is_capped_at_clips_100():
+    model = MVAMModel(MVAMConfig(vision_config=TINY_VISION, text_config={**TINY_TEXT, "vocab_size": 50}))
+    model.logit_scale.data.fill_(8.0)  # exp(8) = 2981
+    clamp_logit_scale(model)
+    assert model.logit_scale.item() == pytest.approx(math.log(100)) and model.logit_scale.requires_grad
+    model.logit_scale.data.fill_(-0.5)
+    clamp_logit_scale(model)
+    assert model.logit_scale.item() == 0.0
 
 
 @pytest.mark.parametrize(

@@ -45,6 +45,7 @@ from hf_mvam.training_utils import (
     TRAINER_STATE_NAME,
     TRAINING_ARGS_NAME,
     TrainerState,
+    clamp_logit_scale,
     list_checkpoints,
     load_checkpoint,
     load_splits,
@@ -433,6 +434,7 @@ def train(accelerator, model, optimizer, scheduler, loader, processor, state: Tr
                 loss = training_loss(model, unwrapped, batch)
                 accelerator.backward(loss)
                 optimizer.step()
+                clamp_logit_scale(unwrapped)
                 scheduler.step()
                 optimizer.zero_grad()
             state.batch_in_epoch += 1
@@ -471,7 +473,9 @@ def train(accelerator, model, optimizer, scheduler, loader, processor, state: Tr
 # --------------------------------------------------------------------------- the model folder
 
 
-def save_model_folder(folder: Path, model, processor, results, test_split, dataset_name, args, state, num_processes):
+def save_model_folder(
+    folder: Path, model, processor, results, test_split, eval_split, dataset_name, args, state, num_processes
+):
     """Model and processor (with their remote code), figures, eval results and the model card:
     everything the Hub repository gets."""
     model_args, data_args, train_args = args
@@ -484,6 +488,7 @@ def save_model_folder(folder: Path, model, processor, results, test_split, datas
         eval_results=results,
         dataset_name=dataset_name,
         dataset_id=data_args.data if data_args.data and not os.path.exists(data_args.data) else None,
+        dataset_split=eval_split,
         hyperparameters=hyperparameters(model, args, state, num_processes),
         figures=figures,
         repo_id=train_args.hub_model_id or str(folder),
@@ -614,7 +619,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         results = evaluate_split(unwrapped, processor, test, train_args.per_device_eval_batch_size, progress=True)
         accelerator.log({f"test/{k}": v for k, v in results.items()}, step=state.global_step)
         save_model_folder(
-            output_dir, unwrapped, processor, results, test, dataset_name, args, state, accelerator.num_processes
+            output_dir, unwrapped, processor, results, test, eval_split, dataset_name, args, state,
+            accelerator.num_processes,
         )
         save_arguments(output_dir, args, eval_split, state.global_step)
         if train_args.push_to_hub:

@@ -91,6 +91,7 @@ def build_model_card(
     eval_results: Mapping[str, float],
     dataset_name: str,
     dataset_id: str | None = None,
+    dataset_split: str = "test",
     hyperparameters: Mapping[str, Any],
     figures: Iterable[str] = (),
     repo_id: str | None = None,
@@ -111,6 +112,8 @@ def build_model_card(
         dataset_name: readable name of the training/evaluation data set.
         dataset_id: Hub id of that data set, if it has one (added to ``datasets`` and used as the
             ``model-index`` dataset type).
+        dataset_split: the split ``eval_results`` were measured on (``"validation"`` when the
+            data has no test split).
         hyperparameters: name -> value, shown as a table in the given order.
         figures: PNG paths relative to the model folder (e.g. ``"figures/view_attention.png"``),
             embedded as images; the alt text comes from the file name.
@@ -144,7 +147,7 @@ def build_model_card(
             task_name=_TASK_NAME,
             dataset_type=dataset_type,
             dataset_name=dataset_name,
-            dataset_split="test",
+            dataset_split=dataset_split,
             metric_type=metric_type,
             metric_name=metric_name,
             metric_value=_as_number(eval_results[key], key),
@@ -170,6 +173,7 @@ def build_model_card(
         repo_id=repo_id or model_name,
         dataset_name=dataset_name,
         dataset_id=dataset_id,
+        dataset_split=dataset_split,
         hyperparameters=dict(hyperparameters),
         figures=figure_entries,
         **_eval_table(eval_results),

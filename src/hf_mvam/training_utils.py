@@ -232,6 +232,19 @@ def training_loss(model, unwrapped, batch: dict) -> torch.Tensor:
     return contrastive + unwrapped.config.diversity_weight * out.diversity_loss.float()
 
 
+# CLIP's cap on the contrastive inverse temperature exp(logit_scale): 100.
+MAX_LOGIT_SCALE = math.log(100)
+
+
+@torch.no_grad()
+def clamp_logit_scale(unwrapped) -> None:
+    """Keep MVAM's learned logit scale in [0, log 100] after an optimizer step (CLIP and
+    open_clip do the same: an unbounded temperature makes the contrastive loss unstable).
+    UARDA has no logit scale."""
+    if unwrapped.config.model_type == "mvam":
+        unwrapped.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+
 def threshold_statistics(model) -> dict[str, float]:
     """UARDA's learned threshold and the Gaussians it separates (before the first fit the means
     and stds are NaN and left out)."""

@@ -314,6 +314,29 @@ def test_convolutional_and_clip_text_backbones(tiny_tokenizer):
     assert model.encode_images(torch.randn(1, 3, 64, 64)).grid_size == (8, 8)
 
 
+@pytest.mark.parametrize("model_type, normalise_tokens", [("clip_vision_model", True), ("siglip_vision_model", False)])
+def test_vision_token_states_get_the_final_layernorm_once(model_type, normalise_tokens):
+    """CLIP's last_hidden_state precedes its post_layernorm (kept for the pooled token), so it is
+    applied to every token; SigLIP's last_hidden_state has it already and must not get it twice."""
+    from transformers import AutoConfig
+
+    from hf_mvam.backbones import build_backbone, vision_token_states
+
+    config = AutoConfig.for_model(model_type, image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=1, num_attention_heads=2)
+    backbone = build_backbone(config).eval()
+    layernorm = getattr(backbone, "vision_model", backbone).post_layernorm
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        layernorm.weight.uniform_(0.5, 2.0)  # not the identity, so that twice differs from once
+        layernorm.bias.uniform_(-1.0, 1.0)
+        expected = backbone(pixel_values=pixels).last_hidden_state  # [2, T, 32]
+        expected = layernorm(expected) if normalise_tokens else expected
+        states, grid = vision_token_states(backbone, pixels)
+    torch.testing.assert_close(states, expected)
+    assert grid == (4, 4)
+
+
 def test_from_vision_text_pretrained_offline(tiny_tokenizer, tmp_path):
     """The real loading code, pointed at tiny backbones saved to disk: a composite CLIP checkpoint
     (its vision tower is taken) and a plain BERT."""

@@ -73,6 +73,17 @@ def build_backbone(config: PretrainedConfig) -> nn.Module:
         return AutoModel.from_config(config)
 
 
+# Vision towers of the CLIP family keep their final LayerNorm for the pooled token only: their
+# last_hidden_state comes before it, so it is applied to every token here, to put all states on
+# the scale the (pretrained) tower was trained to produce. Others that have a post_layernorm
+# (SigLIP, BLIP, ...) already apply it to last_hidden_state.
+_TOKENS_BEFORE_POST_LAYERNORM = frozenset({
+    "clip_vision_model", "altclip_vision_model", "chinese_clip_vision_model", "clipseg_vision_model",
+    "kosmos_2_vision_model", "metaclip_2_vision_model", "mlcd_vision_model", "owlv2_vision_model",
+    "owlvit_vision_model", "xclip_vision_model",
+})
+
+
 def vision_token_states(backbone: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
     """Run the vision backbone and return its token states and the grid they came from.
 
@@ -82,11 +93,8 @@ def vision_token_states(backbone: nn.Module, pixel_values: torch.Tensor) -> tupl
         grid: ``(h, w)`` of the spatial tokens (for attention maps).
     """
     states = backbone(pixel_values=pixel_values).last_hidden_state
-    # CLIP-style towers keep a final LayerNorm for their pooled token only; apply it to every
-    # token so that all states are on the scale the (pretrained) tower was trained to produce.
-    post_layernorm = getattr(getattr(backbone, "vision_model", backbone), "post_layernorm", None)
-    if post_layernorm is not None and states.dim() == 3:
-        states = post_layernorm(states)
+    if backbone.config.model_type in _TOKENS_BEFORE_POST_LAYERNORM:
+        states = getattr(backbone, "vision_model", backbone).post_layernorm(states)
     if states.dim() == 4:  # convolutional feature map [B, C, h, w]
         batch, channels, height, width = states.shape
         states = states.flatten(2).transpose(1, 2)  # [B, h*w, C]

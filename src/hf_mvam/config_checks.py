@@ -42,4 +42,3 @@ def check_number(
     )
     if not valid:
         raise ValueError(f"{field} must be {expected}, got {value!r}")
-

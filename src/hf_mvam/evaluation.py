@@ -96,9 +96,9 @@ def encode_split(model, processor, split, batch_size: int = 256, progress: bool 
         for start in tqdm(range(0, len(images), batch_size), desc="encoding images", disable=not progress):
             chunk = images[start : start + batch_size][image_column]
             if image_column == "image_features":
-                features = stack_region_features(list(chunk))  # [b, R, F]
-                # Chunks are concatenated at the end: they need the same count of regions too.
-                check_region_counts([features.shape[1], *(batch.shape[1] for batch in image_batches[:1])])
+                features = stack_region_features(chunk)  # [b, R, F]
+                if image_batches:  # chunks are concatenated at the end: same count as the first
+                    check_region_counts([image_batches[0].shape[1], features.shape[1]])
                 image_batches.append(model.encode_images(image_features=features.to(device)))  # [b, R, D]
                 continue
             pixel_values = processor(images=chunk, return_tensors="pt")["pixel_values"].to(device)  # [b, 3, S, S]

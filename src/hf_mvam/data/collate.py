@@ -67,7 +67,10 @@ def check_region_counts(counts) -> None:
 
 def stack_region_features(features) -> torch.Tensor:
     """The ``[R, F]`` region features of each image (numpy arrays or tensors) as one ``[B, R, F]``
-    tensor, after :func:`check_region_counts`."""
+    tensor, after :func:`check_region_counts`. A ``[B, R, F]`` tensor (what a torch-formatted
+    dataset gives when every image has the same count) is returned as it is."""
+    if isinstance(features, torch.Tensor):
+        return features
     check_region_counts(len(image_features) for image_features in features)
     return torch.as_tensor(np.stack([np.asarray(image_features) for image_features in features]))  # [B, R, F]
 

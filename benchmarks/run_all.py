@@ -1,6 +1,6 @@
 """Run every benchmark and collect their tables into benchmarks/results/summary.md.
 
-    python benchmarks/run_all.py            # the full set (make bench), sized for about an hour on 2 cores
+    python benchmarks/run_all.py            # the full set (make bench), 1-2 hours on 2 cores (benchmarks/README.md)
     python benchmarks/run_all.py --tiny     # every script in a seconds-long configuration (used by the tests)
 
 Each benchmark runs its contenders side by side in one process and writes its own table

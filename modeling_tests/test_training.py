@@ -396,8 +396,11 @@ def test_bad_data_is_refused_before_training(tmp_path, imagefolder, scan_feature
     (unreadable_test / "test").mkdir()
     (unreadable_test / "test" / "0.png").write_bytes(b"not a png")
     (unreadable_test / "test" / "metadata.jsonl").write_text(json.dumps({"file_name": "0.png", "captions": ["a star"]}))
+    flat = tmp_path / "flat"  # one folder, no split: nothing to report results on
+    shutil.copytree(imagefolder / "train", flat)
     cases = [
         (["--data", unreadable_test], "the test split has no usable image"),
+        (["--data", flat], r"a 'test' or 'validation' split; it has \['train'\]\. Give an image folder train/ and test/"),
         (["--data", tmp_path / "missing_folder"], "does not exist"),
         (["--data", imagefolder, "--caption_column", "alt"], "caption column 'alt'"),
         (["--data", scan_features], "only --model_type uarda"),

@@ -246,7 +246,11 @@ def load_data(data_args: DataArguments, accelerator: Accelerator):
     if stats is not None:
         report_skipped(stats)
     if "train" not in splits or not {"test", "validation"} & set(splits):
-        fail(f"the data needs a 'train' split and a 'test' or 'validation' split; it has {list(splits)}")
+        fail(
+            f"the data needs a 'train' split and a 'test' or 'validation' split; it has {list(splits)}. "
+            "Give an image folder train/ and test/ subfolders (each with its metadata file) or a "
+            "'split' column in its metadata; a saved dataset or Hub dataset its splits"
+        )
     for split in {"train", "validation", "test"} & set(splits):
         if len(splits[split]) == 0:  # e.g. every image skipped: a wrong image_root
             fail(f"the {split} split has no usable image with a caption (see the skipped ones above)")

@@ -453,7 +453,7 @@ def format_gallery(result):
         f"### UARDA / SCAN scorer: {s['images']:,} images x {s['captions']:,} captions, "
         f"{s['regions']} regions, {s['word_slots']} word slots "
         f"(mean {s['mean_real_words']:.1f} real), D={s['dim']}, {s['threads']} threads, "
-        f"{s.get('cpu', s['machine'])}",
+        f"{s['cpu']}",
         "",
         f"Seconds: all contenders timed side by side on the first {shards} caption shards "
         f"of 128 (all images), best of {s['repeats']} alternating rounds, "

@@ -497,13 +497,14 @@ def _t2i_scan_attention(sim, lam, eps, inplace):
     """
     x = F.leaky_relu(sim, 0.1)  # [ct, L, ci, R]
     norm = _scan_norm(x, 1, eps, inplace=False).unsqueeze(1)  # [ct, 1, ci, R] over the words
-    if not _unshifted_exp_ok(lam, sim.dtype):
-        logits = x.mul_(lam / norm) if inplace else x * (lam / norm)  # [ct, L, ci, R]
+    unshifted = _unshifted_exp_ok(lam, sim.dtype)
+    scale = lam * _LOG2_E if unshifted else lam  # base-2 logits for exp2 (see _LOG2_E)
+    logits = x.mul_(scale / norm) if inplace else x * (scale / norm)  # [ct, L, ci, R]
+    if not unshifted:
         return torch.softmax(logits, dim=-1), None  # [ct, L, ci, R], softmax over the regions
     # softmax without its max pass and its division pass: |x̂| <= 1 (x over its norm over the
     # words), so the logits lie in [-λ, λ] and exp cannot overflow; the caller divides the
     # normaliser Σ_j exp out of its per-row results instead of the whole block.
-    logits = x.mul_(lam * _LOG2_E / norm) if inplace else x * (lam * _LOG2_E / norm)  # base 2
     weights = logits.exp2_() if inplace else logits.exp2()  # [ct, L, ci, R] unnormalised
     return weights, weights.sum(dim=-1)
 

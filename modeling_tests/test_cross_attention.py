@@ -264,6 +264,30 @@ def test_float32_matches_float64():
         assert torch.allclose(got.double(), ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_region_gram_matrices_that_are_not_positive_definite(dtype):
+    """Without autograd, scan mode's t2i |c|² comes from a Cholesky factor of each image's
+    region Gram matrix; one that is not positive definite (a repeated region, an all-zero
+    region as in zero-padded precomputed features, more regions than dimensions) takes a QR
+    factor of the regions instead. The scores equal the per-pair loop either way, and the
+    autograd path's, which uses the Gram matrices themselves."""
+    images, captions, mask = random_fragments(n_img=4, n_txt=5, n_reg=6, dim=8, seed=8)
+    images[1, 3] = images[1, 0]  # a repeated region
+    images[2, 5] = 0.0  # an all-zero region: its Cholesky pivot is exactly 0
+    gram = images @ images.transpose(1, 2)
+    assert int(torch.linalg.cholesky_ex(gram)[1][2]) != 0  # the fallback is exercised
+    wide = random_fragments(n_img=3, n_txt=4, n_reg=9, n_word=5, dim=4, seed=9)  # R > D
+    atol = 1e-10 if dtype == torch.float64 else 1e-5
+    for im, cap, m in ((images, captions, mask), wide):
+        im, cap = im.to(dtype), cap.to(dtype)
+        got = cross_attention_scores(im, cap, m)
+        ref = naive_scores(im.double(), cap.double(), m, "t2i", "lse", "scan")
+        assert torch.isfinite(got).all()
+        assert torch.allclose(got.double(), ref, atol=atol), (got.double() - ref).abs().max()
+        with_grad = cross_attention_scores(im.clone().requires_grad_(True), cap, m)
+        assert torch.allclose(with_grad.detach(), got, atol=atol)
+
+
 @pytest.mark.parametrize("mode,skip", [("scan", False), ("uarda", False), ("uarda", True)])
 def test_chunking_does_not_change_the_result(mode, skip):
     images, captions, mask = random_fragments(n_img=9, n_txt=11, seed=1)

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hf_mvam import cross_attention
 from hf_mvam.cross_attention import (
     RelevanceThreshold,
     cross_attention_scores,
@@ -265,7 +266,7 @@ def test_float32_matches_float64():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_region_gram_matrices_that_are_not_positive_definite(dtype):
+def test_region_gram_matrices_that_are_not_positive_definite(dtype, monkeypatch):
     """Without autograd, scan mode's t2i |c|² comes from a Cholesky factor of each image's
     region Gram matrix; one that is not positive definite (a repeated region, an all-zero
     region as in zero-padded precomputed features, more regions than dimensions) takes a QR
@@ -278,13 +279,21 @@ def test_region_gram_matrices_that_are_not_positive_definite(dtype):
     assert int(torch.linalg.cholesky_ex(gram)[1][2]) != 0  # the fallback is exercised
     wide = random_fragments(n_img=3, n_txt=4, n_reg=9, n_word=5, dim=4, seed=9)  # R > D
     atol = 1e-10 if dtype == torch.float64 else 1e-5
+    factored = []  # calls of the factored product: the no-autograd path must take it
+    original = cross_attention._factored_quadratic_form
+    monkeypatch.setattr(cross_attention, "_factored_quadratic_form",
+                        lambda *args: factored.append(1) or original(*args))
     for im, cap, m in ((images, captions, mask), wide):
         im, cap = im.to(dtype), cap.to(dtype)
+        factored.clear()
         got = cross_attention_scores(im, cap, m)
+        assert factored
         ref = naive_scores(im.double(), cap.double(), m, "t2i", "lse", "scan")
         assert torch.isfinite(got).all()
         assert torch.allclose(got.double(), ref, atol=atol), (got.double() - ref).abs().max()
+        factored.clear()
         with_grad = cross_attention_scores(im.clone().requires_grad_(True), cap, m)
+        assert not factored  # autograd: the Gram matrices themselves
         assert torch.allclose(with_grad.detach(), got, atol=atol)
 
 

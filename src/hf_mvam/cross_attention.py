@@ -783,7 +783,7 @@ def _gram_factors(regions, gram):
         regions: ``[N, R, D]`` region fragments.
         gram: ``[N, R, R]`` their Gram matrices ``V Vᵀ``.
     """
-    n_img, n_reg, dim = regions.shape
+    n_img, n_reg, _ = regions.shape
     factor, info = torch.linalg.cholesky_ex(gram, upper=True)  # [N, R, R]
     failed = (info != 0).nonzero().flatten()  # [n_failed]
     if failed.numel():

@@ -353,13 +353,13 @@ def run_gallery(args):
     threshold = float(est.threshold)
     load_before = os.getloadavg()
 
-    # Side-by-side timing on the first `ref_shards` caption shards of 128 (all images; all shards
+    # Side-by-side timing on the first `timed_shards` caption shards of 128 (all images; all shards
     # by default): the contenders run one after the other, `repeats` rounds, and each keeps its
     # best round.
     n_cap_shards = (n_captions - 1) // 128 + 1
-    ref_shards = n_cap_shards if args.caption_shards is None else min(
+    timed_shards = n_cap_shards if args.caption_shards is None else min(
         args.caption_shards, n_cap_shards)
-    cols = min(ref_shards * 128, n_captions)
+    cols = min(timed_shards * 128, n_captions)
     whole = cols == n_captions
     sub_caps, sub_mask = captions[:cols].contiguous(), mask[:cols].contiguous()
     images_np, sub_np = images.numpy(), sub_caps.numpy()  # SCAN's evaluation takes numpy
@@ -402,7 +402,7 @@ def run_gallery(args):
                 for mode in ("scan", "uarda")}
     load_after = os.getloadavg()
 
-    scale = n_cap_shards / ref_shards  # subset -> whole gallery, linear in caption shards
+    scale = n_cap_shards / timed_shards  # subset -> whole gallery, linear in caption shards
     ref_sub = best["reference"][2].double()  # [N_i, cols]
     diff = {mode: float((full[mode][2][0][:, :cols].double() - ref_sub).abs().max())
             for mode in ("scan", "uarda")}
@@ -449,7 +449,7 @@ def run_gallery(args):
             chunk_size=list(full["scan"][2][1]["chunk_size"]),
             uarda_chunk_size=list(full["uarda"][2][1]["chunk_size"]),
             memory_budget_mb=args.memory_budget_mb, repeats=args.repeats,
-            timed_caption_shards=f"{ref_shards}/{n_cap_shards}", extrapolation=scale,
+            timed_caption_shards=f"{timed_shards}/{n_cap_shards}", extrapolation=scale,
             load_average_before=load_before, load_average_after=load_after,
             torch=torch.__version__, machine=platform.machine(), cpu=cpu_description(),
             onednn_gemm=bool(xattn._ONEDNN_STATE["ok"])),

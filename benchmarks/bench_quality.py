@@ -79,7 +79,7 @@ def view_overlap(output_dir: str, num_examples: int = 200) -> dict:
     """Mean view overlap of a trained MVAM folder on test images and their first captions."""
     from hf_mvam import MVAMModel, MVAMProcessor
     from hf_mvam.losses import attention_overlap
-    from hf_mvam.training_utils import load_recorded_eval_split
+    from hf_mvam.data.splits import load_recorded_eval_split
 
     model = MVAMModel.from_pretrained(output_dir).eval()
     processor = MVAMProcessor.from_pretrained(output_dir)
@@ -100,7 +100,7 @@ def score_in_both_modes(output_dir: str, thresholds=()) -> dict:
     from hf_mvam import UARDAModel, UARDAProcessor
     from hf_mvam.evaluation import encode_split
     from hf_mvam.metrics import retrieval_metrics
-    from hf_mvam.training_utils import load_recorded_eval_split
+    from hf_mvam.data.splits import load_recorded_eval_split
 
     test = load_recorded_eval_split(output_dir)[0]
     model = UARDAModel.from_pretrained(output_dir).eval()
@@ -112,7 +112,7 @@ def score_in_both_modes(output_dir: str, thresholds=()) -> dict:
         if threshold is not None:
             model.relevance_threshold.threshold.fill_(threshold)
         start = time.perf_counter()
-        scores, stats = model.score(encoded.images, encoded.texts, encoded.text_mask, return_stats=True)
+        scores, stats = model.score(encoded.images, encoded.texts, return_stats=True)
         rows.append({"mode": mode, "threshold": threshold, "learned": threshold == learned,
                      "seconds": time.perf_counter() - start, "skipped": stats["t2i_skipped_fraction"],
                      "rsum": retrieval_metrics(scores, encoded.text_to_image)["rsum"]})

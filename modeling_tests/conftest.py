@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import os
 import subprocess
 import sys
@@ -77,3 +79,36 @@ def run_fresh_python(code: str, cwd: str, block_hf_mvam: bool = True, timeout: i
     if result.returncode != 0:
         raise AssertionError(f"fresh process failed:\n{result.stderr[-4000:]}")
     return result.stdout
+
+
+# Tensor methods that read a value back to the host: on a GPU each one is a device sync.
+VALUE_READS = ("item", "__bool__", "__int__", "__float__", "__index__", "tolist", "nonzero")
+
+
+@contextlib.contextmanager
+def no_value_reads():
+    """Make every Tensor method of ``VALUE_READS`` raise when hf_mvam's own code calls it (the
+    libraries it calls into, e.g. transformers' attention-mask shortcuts, are not ours to change)."""
+    import hf_mvam
+
+    ours = os.path.dirname(os.path.abspath(hf_mvam.__file__))
+    originals = {name: getattr(torch.Tensor, name) for name in VALUE_READS}
+
+    def guarded(name):
+        original = originals[name]
+
+        def read(self, *args, **kwargs):
+            caller = inspect.currentframe().f_back
+            if os.path.abspath(caller.f_code.co_filename).startswith(ours):
+                raise AssertionError(f"Tensor.{name} read a value at {caller.f_code.co_filename}:{caller.f_lineno}")
+            return original(self, *args, **kwargs)
+
+        return read
+
+    for name in VALUE_READS:
+        setattr(torch.Tensor, name, guarded(name))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)

@@ -24,7 +24,6 @@ from hf_mvam import MVAMConfig, MVAMModel
 from hf_mvam.builders import default_image_processor
 from hf_mvam.losses import contrastive_loss
 from hf_mvam.tokenization import train_caption_tokenizer
-from hf_mvam.training_utils import training_loss
 
 REPO = Path(__file__).resolve().parents[1]
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
@@ -54,7 +53,7 @@ def _gathered_loss_and_gradients_match_one_process():
     local = {name: value[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH] for name, value in everything.items()}
 
     prepared = accelerator.prepare(model)
-    loss = training_loss(prepared, accelerator.unwrap_model(prepared), local)
+    loss = prepared(**local, return_loss=True).loss
     accelerator.backward(loss)
     mean_loss = accelerator.reduce(loss.detach(), "mean")
 

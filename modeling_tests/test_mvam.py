@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_TEXT, TINY_VISION, run_fresh_python, tiny_text_config
+from conftest import TINY_TEXT, TINY_VISION, no_value_reads, run_fresh_python, tiny_text_config
 from hf_mvam import MVAMConfig, MVAMModel, MVAMProcessor
 from hf_mvam.losses import attention_overlap
 from hf_mvam.modeling_mvam import MultiViewAttentionPooling
@@ -116,6 +116,52 @@ def test_loss_parts_gradients_and_training_decreases_loss(tiny_tokenizer, mvam_p
         losses.append(loss.item())
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("features", [False, True])
+def test_training_step_reads_no_tensor_values(tiny_tokenizer, mvam_processor, features):
+    """A training forward and backward forces no host sync: value checks live where data enters."""
+    model = tiny_model(tiny_tokenizer, num_views=2, **({"image_feature_dim": 12} if features else {})).train()
+    batch = mvam_processor(text=["a red circle", "a small green star", "a blue square"], images=images(3))
+    if features:
+        batch = {**batch, "image_features": torch.randn(3, 5, 12)}
+        del batch["pixel_values"]
+    with no_value_reads():
+        model(**batch, return_loss=True).loss.backward()
+    with pytest.raises(AssertionError, match="read a value"), no_value_reads():
+        _read_inside_hf_mvam()  # the guard catches hf_mvam's own reads ...
+    with no_value_reads():
+        torch.ones(()).item()  # ... and leaves everyone else's alone
+
+
+def _read_inside_hf_mvam():
+    """Call ``Tensor.item`` from a frame that lives in hf_mvam's source (its backbones module)."""
+    from hf_mvam import backbones
+
+    code = compile("torch.ones(()).item()", backbones.__file__, "eval")
+    return eval(code, {"torch": torch})
+
+
+def test_encodings_score_like_forward_and_image_features(tiny_tokenizer, mvam_processor):
+    model = tiny_model(tiny_tokenizer, num_views=2)
+    batch = mvam_processor(text=["a red circle", "a small green star", "a blue square"], images=images(2))
+    with torch.no_grad():
+        out = model(**batch)
+        images_encoded = model.encode_images(batch["pixel_values"])
+        texts_encoded = model.encode_texts(batch["input_ids"], batch["attention_mask"])
+        for budget in (512.0, 1e-6):  # one chunk; one image row per chunk
+            scores = model.score(images_encoded, texts_encoded, memory_budget_mb=budget)
+            torch.testing.assert_close(scores * out.logit_scale, out.logits_per_image)
+    regions = tiny_model(tiny_tokenizer, num_views=2, image_feature_dim=12)
+    assert regions.vision_model is None and regions.config.vision_config is None
+    encoded = regions.encode_images(image_features=torch.randn(2, 7, 12), output_attentions=True)
+    assert encoded.pooler_output.shape == (2, 32) and encoded.view_attentions.shape == (2, 2, 7)
+    with pytest.raises(ValueError, match=r"image_features must be \[batch, regions, 12\]"):
+        regions.encode_images(image_features=torch.randn(2, 7, 13))
+    with pytest.raises(ValueError, match="not pixel_values"):
+        regions.encode_images(pixel_values=batch["pixel_values"])
+    with pytest.raises(ValueError, match="image_feature_dim"):
+        model.encode_images(image_features=torch.randn(2, 7, 12))
 
 
 def test_single_view_without_diversity_is_plain_clip(tiny_tokenizer, mvam_processor):
@@ -275,20 +321,14 @@ def test_bad_inputs_raise_clear_errors(tiny_tokenizer, mvam_processor):
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=torch.zeros(2, 32, 32))
     with pytest.raises(ValueError, match="expects 32 x 32"):
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=torch.zeros(2, 3, 64, 64))
-    with pytest.raises(ValueError, match="NaN"):
-        model(input_ids=batch["input_ids"], pixel_values=torch.full((1, 3, 32, 32), float("nan")))
     with pytest.raises(ValueError, match=r"cannot read image images\[0\]"):
         mvam_processor(images=[b"\x89PNG\r\n\x1a\n this is not a png"])
     truncated = io.BytesIO()
     Image.new("RGB", (64, 64), (1, 2, 3)).save(truncated, format="PNG")
     with pytest.raises(ValueError, match="cannot read image"):
         mvam_processor(images=[truncated.getvalue()[:40]])
-    with pytest.raises(ValueError, match="empty"):
-        model(input_ids=batch["input_ids"][:1], attention_mask=torch.zeros_like(batch["input_ids"][:1]), pixel_values=batch["pixel_values"][:1])
     with pytest.raises(ValueError, match="shape"):
         mvam_processor(images=[np.zeros((4, 4, 5), dtype=np.uint8)])
-    with pytest.raises(ValueError, match="outside the text backbone's vocabulary"):
-        model.encode_texts(batch["input_ids"].clamp_min(len(tiny_tokenizer)))
 
 
 # --- other backbones ------------------------------------------------------------------------------

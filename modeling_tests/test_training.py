@@ -27,7 +27,7 @@ from conftest import TINY_TEXT, TINY_VISION, run_fresh_python
 from hf_mvam import hub
 from hf_mvam.data.synthetic import generate_synthetic_benchmark
 from hf_mvam import MVAMConfig, MVAMModel
-from hf_mvam.training_utils import TrainerState, clamp_logit_scale, latest_checkpoint, list_checkpoints, save_checkpoint
+from hf_mvam.checkpointing import TrainerState, latest_checkpoint, list_checkpoints, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,6 +43,7 @@ def load_script(name: str):
 run = load_script("run")
 
 TINY = ["--vision_config", json.dumps(TINY_VISION), "--text_config", json.dumps(TINY_TEXT), "--projection_dim", "16"]
+TINY_UARDA = ["--vision_config", json.dumps(TINY_VISION), "--text_config", json.dumps(TINY_TEXT), "--embed_dim", "16"]
 SYNTHETIC = ["--num_train_images", "32", "--num_validation_images", "8", "--num_test_images", "16"]
 FAST = ["--per_device_train_batch_size", "8", "--max_steps", "4", "--eval_steps", "2", "--save_steps", "2",
         "--warmup_steps", "1", "--learning_rate", "1e-3", "--report_to", "none"]
@@ -142,7 +143,7 @@ def pushed(tmp_path_factory):
 @pytest.fixture(scope="module")
 def uarda_synthetic(tmp_path_factory):
     folder = tmp_path_factory.mktemp("uarda_synthetic")
-    return folder, train("--output_dir", folder, "--model_type", "uarda", *TINY, *SYNTHETIC, *FAST)
+    return folder, train("--output_dir", folder, "--model_type", "uarda", *TINY_UARDA, *SYNTHETIC, *FAST)
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +166,7 @@ def uarda_karpathy(karpathy, tmp_path_factory):
     folder = tmp_path_factory.mktemp("uarda_karpathy")
     json_path, image_root = karpathy
     return folder, train("--output_dir", folder, "--model_type", "uarda", "--threshold_mode", "scan", "--direction", "both",
-                         "--data", json_path, "--image_root", image_root, *TINY, *FAST)
+                         "--data", json_path, "--image_root", image_root, *TINY_UARDA, *FAST)
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +205,7 @@ def test_uarda_synthetic_logs_and_plots_the_threshold(uarda_synthetic):
     for name in ("relevance_histograms", "threshold_trajectory", "word_region_attention"):
         assert (folder / "figures" / f"{name}.png").is_file(), name
     state = TrainerState.from_file(latest_checkpoint(folder / "checkpoints") / "trainer_state.json")
-    assert [step for step, _ in state.threshold_history] == [1, 2, 3, 4]
+    assert [record["step"] for record in state.log_history if "train/threshold" in record] == [1, 2, 3, 4]
     assert "learned_threshold" in (folder / "README.md").read_text()
     assert 0 <= results["rsum"] <= 600
 
@@ -352,12 +353,16 @@ def test_save_checkpoint_replaces_the_same_step_and_keeps_the_new_one(tmp_path):
 
 def test_logit_scale_is_capped_at_clips_100():
     model = MVAMModel(MVAMConfig(vision_config=TINY_VISION, text_config={**TINY_TEXT, "vocab_size": 50}))
+    inputs = {"input_ids": torch.tensor([[2, 5, 3], [2, 6, 3]]), "pixel_values": torch.randn(2, 3, 32, 32)}
     model.logit_scale.data.fill_(8.0)  # exp(8) = 2981
-    clamp_logit_scale(model)
-    assert model.logit_scale.item() == pytest.approx(math.log(100)) and model.logit_scale.requires_grad
+    out = model(**inputs, return_loss=True)
+    assert out.logit_scale.item() == pytest.approx(100.0)
+    cosines = out.image_embeds @ out.text_embeds.t()
+    torch.testing.assert_close(out.logits_per_image, 100.0 * cosines)
+    out.loss.backward()
+    assert model.logit_scale.grad.item() == 0.0  # pushed beyond the cap, it learns nothing more
     model.logit_scale.data.fill_(-0.5)
-    clamp_logit_scale(model)
-    assert model.logit_scale.item() == 0.0
+    assert model(**inputs).logit_scale.item() == 1.0
 
 
 @pytest.mark.parametrize(
@@ -403,7 +408,7 @@ def test_bad_data_is_refused_before_training(tmp_path, imagefolder, scan_feature
         (["--data", flat], r"a 'test' or 'validation' split; it has \['train'\]\. Give an image folder train/ and test/"),
         (["--data", tmp_path / "missing_folder"], "does not exist"),
         (["--data", imagefolder, "--caption_column", "alt"], "caption column 'alt'"),
-        (["--data", scan_features], "only --model_type uarda"),
+        (["--data", scan_features], "precomputed image_features: a vision backbone would go unused"),
         (["--per_device_train_batch_size", "64"], "fewer than --per_device_train_batch_size 64"),
     ]
     for argv, message in cases:

@@ -13,6 +13,7 @@ from PIL import Image
 
 from conftest import TINY_TEXT, TINY_VISION, run_fresh_python, tiny_text_config
 from hf_mvam import UARDAConfig, UARDAModel, UARDAProcessor
+from hf_mvam.modeling_uarda import UARDAImageEncoding, UARDATextEncoding
 from hf_mvam.builders import default_image_processor
 from hf_mvam.cross_attention import word_region_attention
 
@@ -84,16 +85,19 @@ def test_forward_equals_scorer_and_chunking(tiny_tokenizer, uarda_processor, mod
         assert out.logits_per_image.shape == (2, 3)
         assert out.image_fragments.shape == (2, 16, 16)  # 4 x 4 grid regions (CLS dropped), D = 16
         torch.testing.assert_close(out.image_fragments.norm(dim=-1), torch.ones(2, 16))
-        image_fragments = model.encode_images(batch["pixel_values"])
-        text_fragments, mask = model.encode_texts(batch["input_ids"], batch["attention_mask"])
+        image_encoding = model.encode_images(batch["pixel_values"])
+        text_encoding = model.encode_texts(batch["input_ids"], batch["attention_mask"])
         for budget in (512.0, 0.001):  # one chunk vs one pair per chunk
-            torch.testing.assert_close(model.score(image_fragments, text_fragments, mask, memory_budget_mb=budget), out.logits_per_image)
+            torch.testing.assert_close(model.score(image_encoding, text_encoding, memory_budget_mb=budget), out.logits_per_image)
         # Training mode: forward and score agree too (dropout makes training-mode fragments
         # differ from eval mode's, so the comparison uses the forward's own fragments).
         model.train()
         train_out = model(**batch)
         torch.testing.assert_close(
-            model.score(train_out.image_fragments, train_out.text_fragments, train_out.text_mask),
+            model.score(
+                UARDAImageEncoding(image_fragments=train_out.image_fragments),
+                UARDATextEncoding(text_fragments=train_out.text_fragments, text_mask=train_out.text_mask),
+            ),
             train_out.logits_per_image,
         )
 
@@ -104,13 +108,15 @@ def test_eval_mode_skips_the_relevance_score_of_skipped_words(tiny_tokenizer, ua
     model = tiny_uarda(tiny_tokenizer, threshold_mode="uarda", aggregation="mean")
     batch = uarda_processor(text=CAPTIONS4, images=images(3))
     with torch.no_grad():
-        regions = model.encode_images(batch["pixel_values"])  # [I, R, D]
-        words, mask = model.encode_texts(batch["input_ids"], batch["attention_mask"])  # [T, L, D]
+        image_encoding = model.encode_images(batch["pixel_values"])
+        text_encoding = model.encode_texts(batch["input_ids"], batch["attention_mask"])
+        regions = image_encoding.image_fragments  # [I, R, D]
+        words, mask = text_encoding.text_fragments, text_encoding.text_mask  # [T, L, D], [T, L]
         sim = torch.einsum("tld,ird->itlr", words, regions)  # [I, T, L, R]
         best = sim.amax(-1)  # [I, T, L]
         model.relevance_threshold.threshold.fill_(float(best[:, mask].median()))
-        eval_scores = model.eval().score(regions, words, mask)
-        train_scores = model.train().score(regions, words, mask)
+        eval_scores = model.eval().score(image_encoding, text_encoding)
+        train_scores = model.train().score(image_encoding, text_encoding)
     skipped = (best <= model.relevance_threshold.threshold) & mask  # [I, T, L]
     assert 0 < skipped.sum() < mask.sum() * 3
     expected = torch.zeros_like(eval_scores)  # [I, T]: mean over real words of the skipped terms
@@ -132,8 +138,6 @@ def test_precomputed_region_features(tiny_tokenizer, uarda_processor):
     assert out.logits_per_image.shape == (2, 2) and out.loss.item() >= 0
     with pytest.raises(ValueError, match=r"\[batch, regions, 24\]"):
         model(**text, image_features=torch.randn(2, 36, 25))
-    with pytest.raises(ValueError, match="NaN or infinite"):
-        model(**text, image_features=features.index_fill(1, torch.tensor([3]), float("inf")))
     with pytest.raises(ValueError, match="not pixel_values"):
         model(**text, pixel_values=torch.zeros(2, 3, 32, 32))
 
@@ -145,20 +149,11 @@ def test_bad_inputs(tiny_tokenizer, uarda_processor):
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     with pytest.raises(ValueError, match="exactly one of pixel_values and image_features"):
         model(**batch, image_features=torch.zeros(2, 4, 32))
-    with pytest.raises(ValueError, match="empty"):
-        model(input_ids=batch["input_ids"], attention_mask=torch.zeros_like(batch["attention_mask"]), pixel_values=batch["pixel_values"])
     with pytest.raises(ValueError, match="empty caption"):
         uarda_processor(text=["a red circle", ""])
     with pytest.raises(ValueError, match="paired inputs"):
         model(input_ids=batch["input_ids"][:1], attention_mask=batch["attention_mask"][:1], pixel_values=batch["pixel_values"], return_loss=True)
-    with pytest.raises(ValueError, match="NaN"):
-        model(**{**batch, "pixel_values": batch["pixel_values"] * float("nan")})
-    # token ids the text backbone cannot embed: named, not an IndexError deep in torch
-    vocab_size, max_length = model.config.text_config.vocab_size, model.config.text_config.max_position_embeddings
-    with pytest.raises(ValueError, match=r"batch positions \[1\] lie outside the text backbone's vocabulary"):
-        model(**{**batch, "input_ids": batch["input_ids"].index_fill(0, torch.tensor([1]), vocab_size)})
-    with pytest.raises(ValueError, match="outside the text backbone's vocabulary"):
-        model(**{**batch, "input_ids": batch["input_ids"].index_fill(1, torch.tensor([0]), -100)})
+    max_length = model.config.text_config.max_position_embeddings
     too_long = torch.ones(2, max_length + 1, dtype=torch.long)
     with pytest.raises(ValueError, match=f"at most {max_length}"):
         model(input_ids=too_long, attention_mask=too_long, pixel_values=batch["pixel_values"])
@@ -210,11 +205,12 @@ def test_uarda_skips_queries_below_threshold(tiny_tokenizer, uarda_processor):
     model = tiny_uarda(tiny_tokenizer, threshold_mode="uarda")
     batch = uarda_processor(text=CAPTIONS4, images=images(3))
     with torch.no_grad():
-        regions = model.encode_images(batch["pixel_values"])
-        words, mask = model.encode_texts(batch["input_ids"], batch["attention_mask"])
+        image_encoding = model.encode_images(batch["pixel_values"])
+        text_encoding = model.encode_texts(batch["input_ids"], batch["attention_mask"])
+        regions, words, mask = image_encoding.image_fragments, text_encoding.text_fragments, text_encoding.text_mask
         best = torch.einsum("tld,ird->itlr", words, regions).amax(-1)  # [I, T, L] best region per word
         model.relevance_threshold.threshold.fill_(float(best[:, mask.bool()].median()))
-        _, stats = model.score(regions, words, mask, return_stats=True)
+        _, stats = model.score(image_encoding, text_encoding, return_stats=True)
     expected = (best[:, mask.bool()] <= model.relevance_threshold.threshold).float().mean().item()
     assert stats["t2i_skipped_fraction"] == pytest.approx(expected, abs=1e-6)
     assert 0.3 < stats["t2i_skipped_fraction"] < 0.7
@@ -224,8 +220,9 @@ def test_word_region_attention_map(tiny_tokenizer, uarda_processor):
     model = tiny_uarda(tiny_tokenizer, threshold_mode="uarda")
     model.relevance_threshold.threshold.fill_(0.0)
     batch = uarda_processor(text=CAPTIONS4[:1], images=images(1))
-    regions = model.encode_images(batch["pixel_values"])[0]
-    words, mask = model.encode_texts(batch["input_ids"], batch["attention_mask"])
+    regions = model.encode_images(batch["pixel_values"]).image_fragments[0]
+    text = model.encode_texts(batch["input_ids"], batch["attention_mask"])
+    words, mask = text.text_fragments, text.text_mask
     attention, relevant = model.word_region_attention(regions, words[0], mask[0])
     similarity = words[0] @ regions.t()
     assert attention.shape == relevant.shape == (words.shape[1], 16)

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModel, AutoProcessor
 
 from hf_mvam.evaluation import evaluate_split
-from hf_mvam.training_utils import TRAINING_ARGS_NAME, load_recorded_eval_split
+from hf_mvam.data.splits import TRAINING_ARGS_NAME, load_recorded_eval_split
 
 TOLERANCE = 1e-4
 NUM_EXAMPLES = 4

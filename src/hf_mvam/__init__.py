@@ -12,9 +12,19 @@ from .modeling_uarda import UARDAModel, UARDAOutput
 from .processing_mvam import MVAMProcessor
 from .processing_uarda import UARDAProcessor
 
-for _config, _model, _processor in ((MVAMConfig, MVAMModel, MVAMProcessor), (UARDAConfig, UARDAModel, UARDAProcessor)):
+#: The model types, each with its configuration, model and processor class: the one registry that
+#: the training script, evaluation and the Hub code look model types up in.
+MODEL_CLASSES = {
+    "mvam": (MVAMConfig, MVAMModel, MVAMProcessor),
+    "uarda": (UARDAConfig, UARDAModel, UARDAProcessor),
+}
+
+for _config, _model, _processor in MODEL_CLASSES.values():
     _config.register_for_auto_class()
     _model.register_for_auto_class("AutoModel")
     _processor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["MVAMConfig", "MVAMModel", "MVAMOutput", "MVAMProcessor", "UARDAConfig", "UARDAModel", "UARDAOutput", "UARDAProcessor"]
+__all__ = [
+    "MODEL_CLASSES", "MVAMConfig", "MVAMModel", "MVAMOutput", "MVAMProcessor",
+    "UARDAConfig", "UARDAModel", "UARDAOutput", "UARDAProcessor",
+]

@@ -17,6 +17,12 @@ class MVAMConfig(PretrainedConfig):
         vision_config (`dict` or `PretrainedConfig`, *optional*):
             Any transformers vision backbone (CLIP vision tower, ViT, ResNet, ConvNeXt, ...), as a
             config or a dict with ``model_type``. Defaults to a small from-scratch ViT (64 px).
+            Ignored when ``image_feature_dim`` is set.
+        image_feature_dim (`int`, *optional*):
+            Width of precomputed region features (e.g. 36 x 2048 bottom-up-attention arrays per
+            image, SCAN's data layout). When set, the model takes ``image_features`` instead of
+            ``pixel_values``, has no vision backbone, and the image view codes attend over the
+            regions as they would over patches.
         text_config (`dict` or `PretrainedConfig`, *optional*):
             Any transformers text encoder (CLIP text tower, BERT-like, ...). Defaults to a small
             from-scratch 2-layer BERT.
@@ -40,6 +46,7 @@ class MVAMConfig(PretrainedConfig):
         self,
         vision_config=None,
         text_config=None,
+        image_feature_dim: int | None = None,
         num_views: int = 4,
         projection_dim: int = 128,
         diversity_weight: float = 0.1,
@@ -47,7 +54,11 @@ class MVAMConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         **kwargs,
     ):
-        self.vision_config = resolve_backbone_config(vision_config, DEFAULT_VISION_CONFIG, "vision_config")
+        self.image_feature_dim = image_feature_dim
+        self.vision_config = (
+            None if image_feature_dim is not None
+            else resolve_backbone_config(vision_config, DEFAULT_VISION_CONFIG, "vision_config")
+        )
         self.text_config = resolve_backbone_config(text_config, DEFAULT_TEXT_CONFIG, "text_config")
         self.num_views = num_views
         self.projection_dim = projection_dim
@@ -59,6 +70,7 @@ class MVAMConfig(PretrainedConfig):
 
     def validate_mvam(self):
         """Raise a ValueError that names the first invalid field."""
+        check_number("image_feature_dim", self.image_feature_dim, minimum=1, integer=True, optional=True)
         check_number("num_views", self.num_views, minimum=1, integer=True)
         check_number("projection_dim", self.projection_dim, minimum=1, integer=True)
         check_number("diversity_weight", self.diversity_weight, minimum=0)
@@ -67,6 +79,6 @@ class MVAMConfig(PretrainedConfig):
 
     def to_dict(self):
         output = super().to_dict()
-        output["vision_config"] = self.vision_config.to_dict()
+        output["vision_config"] = self.vision_config.to_dict() if self.vision_config is not None else None
         output["text_config"] = self.text_config.to_dict()
         return output

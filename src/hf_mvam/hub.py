@@ -37,6 +37,7 @@ __all__ = [
     "RETRIEVAL_METRICS",
     "UPLOAD_IGNORE_PATTERNS",
     "build_model_card",
+    "describe_model",
     "list_upload_files",
     "push_folder_to_hub",
     "write_model_folder_extras",
@@ -178,6 +179,31 @@ def build_model_card(
         figures=figure_entries,
         **_eval_table(eval_results),
     )
+
+
+# Bookkeeping entries of a config's diff that say nothing about the model.
+_CONFIG_BOOKKEEPING = {"architectures", "auto_map", "transformers_version", "dtype", "torch_dtype", "model_type"}
+
+
+def describe_model(model) -> dict[str, Any]:
+    """The model's settings for the card's hyperparameter table: every scalar of
+    ``model.config.to_diff_dict()`` (what differs from the defaults), the backbones by model
+    type, the parameter count and, for a model with a learned relevance threshold, its value."""
+    diff = model.config.to_diff_dict()
+    described: dict[str, Any] = {"model_type": model.config.model_type}
+    for key, value in diff.items():
+        if key in _CONFIG_BOOKKEEPING or isinstance(value, dict) or value is None:
+            continue
+        described[key] = value
+    for tower in ("vision_config", "text_config"):
+        sub_config = getattr(model.config, tower, None)
+        if sub_config is not None:
+            described[tower.replace("_config", "_backbone")] = sub_config.model_type
+    described["parameters"] = f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M"
+    threshold = getattr(model, "relevance_threshold", None)
+    if threshold is not None:
+        described["learned_threshold"] = round(float(threshold.threshold), 4)
+    return described
 
 
 def write_model_folder_extras(

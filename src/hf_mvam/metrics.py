@@ -175,6 +175,25 @@ def minimal_pair_accuracy(scores, text_to_image, variant_of, changed) -> dict[st
     return results
 
 
+def summary_table(results: dict[str, float], wall_time_s: float | None = None) -> str:
+    """A plain-text table of Recall@K, rSum, minimal-pair accuracies and the wall time."""
+    rows = [("", "R@1", "R@5", "R@10")]
+    for name, prefix in (("image→text", "i2t"), ("text→image", "t2i")):
+        rows.append((name, *(f"{results[f'{prefix}_R@{k}']:.2f}" for k in (1, 5, 10))))
+    width = max(len(row[0]) for row in rows)
+    lines = ["  ".join(f"{cell:>{width if i == 0 else 6}}" for i, cell in enumerate(row)) for row in rows]
+    lines.append(f"{'rSum':>{width}}  {results['rsum']:.2f}")
+    if "coco1k_rsum" in results:
+        lines.append(f"{'rSum 1K':>{width}}  {results['coco1k_rsum']:.2f} (COCO 5-fold 1K)")
+    pairs = {key.split("/", 1)[1]: value for key, value in results.items() if key.startswith("pair_acc/")}
+    if pairs:
+        lines.append("minimal-pair accuracy (text→image): " + ", ".join(f"{k} {v:.1f}%" for k, v in pairs.items()))
+    if wall_time_s is not None:
+        minutes, seconds = divmod(int(round(wall_time_s)), 60)
+        lines.append(f"wall time: {minutes} min {seconds:02d} s")
+    return "\n".join(lines)
+
+
 class RetrievalRecall(evaluate.Metric):
     """Recall@K for image–text retrieval as an ``evaluate`` metric.
 

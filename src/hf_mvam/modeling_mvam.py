@@ -6,7 +6,7 @@ with its own learned view code, into K unit-norm views; the views are concatenat
 1/sqrt(K), so the similarity of two embeddings is the mean of the per-view cosines). A diversity
 objective keeps the views' attention distributions apart.
 
-Read top to bottom: building block (view pooling) -> pretrained base -> model -> output.
+Read top to bottom: building block (view pooling) -> pretrained base -> outputs -> model.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from transformers.utils import ModelOutput
 from .backbones import (
     backbone_hidden_size,
     build_backbone,
+    check_image_features,
     check_pixel_values,
     check_text_inputs,
     text_token_states,
@@ -32,6 +33,10 @@ from .backbones import (
 )
 from .configuration_mvam import MVAMConfig
 from .losses import attention_overlap, contrastive_loss
+
+# CLIP's cap on the contrastive inverse temperature exp(logit_scale): 100. An unbounded
+# temperature makes the contrastive loss unstable (CLIP and open_clip clamp it too).
+MAX_LOGIT_SCALE = math.log(100)
 
 
 class MultiViewAttentionPooling(nn.Module):
@@ -109,12 +114,32 @@ class MVAMPreTrainedModel(PreTrainedModel):
 
 
 @dataclass
+class MVAMEncoderOutput(ModelOutput):
+    """One tower's encoding, what [`MVAMModel.score`] takes.
+
+    Args:
+        pooler_output: [N, K*P] concatenated unit-norm embedding used for retrieval (as
+            transformers 5.x ``CLIPModel.get_*_features`` return it).
+        view_embeds: [N, K, P] per-view unit vectors.
+        view_attentions: [N, K, T] each view's attention over the tokens (with ``output_attentions``).
+        last_hidden_state: [N, T, H] the tokens the views attend over (with ``output_hidden_states``).
+        grid_size: (h, w) of an image's spatial tokens (images from pixels only).
+    """
+
+    pooler_output: Optional[torch.FloatTensor] = None
+    view_embeds: Optional[torch.FloatTensor] = None
+    view_attentions: Optional[torch.FloatTensor] = None
+    last_hidden_state: Optional[torch.FloatTensor] = None
+    grid_size: Optional[tuple] = None
+
+
+@dataclass
 class MVAMOutput(ModelOutput):
     """Output of [`MVAMModel`].
 
     Args:
         loss: total training loss (contrastive + diversity_weight * diversity), when ``return_loss``.
-        contrastive_loss: the symmetric InfoNCE part.
+        contrastive_loss: the symmetric InfoNCE part, with the negatives of every process.
         diversity_loss: mean view overlap of both modalities (0 for one view).
         logits_per_image: [N_images, N_texts] scaled similarities.
         logits_per_text: [N_texts, N_images], the transpose.
@@ -125,6 +150,7 @@ class MVAMOutput(ModelOutput):
         image_view_attentions: [N_images, K, T_img] each view's attention over image tokens
             (with ``output_attentions``).
         text_view_attentions: [N_texts, K, L] each view's attention over words.
+        logit_scale: the inverse temperature exp(logit_scale) the logits use (capped at 100).
     """
 
     loss: Optional[torch.FloatTensor] = None
@@ -138,22 +164,14 @@ class MVAMOutput(ModelOutput):
     text_view_embeds: Optional[torch.FloatTensor] = None
     image_view_attentions: Optional[torch.FloatTensor] = None
     text_view_attentions: Optional[torch.FloatTensor] = None
-
-
-@dataclass
-class MVAMEncoderOutput(ModelOutput):
-    """One tower's encoding: ``pooler_output`` is the concatenated embedding (as transformers 5.x
-    ``CLIPModel.get_*_features`` return it), plus the per-view vectors and attention."""
-
-    pooler_output: Optional[torch.FloatTensor] = None
-    view_embeds: Optional[torch.FloatTensor] = None
-    view_attentions: Optional[torch.FloatTensor] = None
-    last_hidden_state: Optional[torch.FloatTensor] = None
-    grid_size: Optional[tuple] = None
+    logit_scale: Optional[torch.FloatTensor] = None
 
 
 class MVAMModel(MVAMPreTrainedModel):
     """The MVAM dual encoder. See [`MVAMConfig`] for the options.
+
+    Retrieval, as for every hf-mvam model: ``encode_images`` and ``encode_texts`` once per item,
+    then ``score`` every image against every caption (here a chunked dot product).
 
     Example:
         >>> model = MVAMModel(MVAMConfig(num_views=4))
@@ -163,11 +181,14 @@ class MVAMModel(MVAMPreTrainedModel):
 
     def __init__(self, config: MVAMConfig):
         super().__init__(config)
-        self.vision_model = build_backbone(config.vision_config)
+        if config.image_feature_dim is None:
+            self.vision_model = build_backbone(config.vision_config)
+            image_width = backbone_hidden_size(config.vision_config)
+        else:  # precomputed region features: the views attend over the regions directly
+            self.vision_model = None
+            image_width = config.image_feature_dim
         self.text_model = build_backbone(config.text_config)
-        self.image_views = MultiViewAttentionPooling(
-            backbone_hidden_size(config.vision_config), config.num_views, config.projection_dim
-        )
+        self.image_views = MultiViewAttentionPooling(image_width, config.num_views, config.projection_dim)
         self.text_views = MultiViewAttentionPooling(
             backbone_hidden_size(config.text_config), config.num_views, config.projection_dim
         )
@@ -176,48 +197,99 @@ class MVAMModel(MVAMPreTrainedModel):
 
     # --- encoding -------------------------------------------------------------------------------
 
-    def encode_images(self, pixel_values: torch.Tensor) -> MVAMEncoderOutput:
-        """pixel_values [N, 3, S, S] -> embedding [N, K*P], views [N, K, P], attention [N, K, T]."""
-        check_pixel_values(pixel_values, self.config.vision_config)
-        states, grid = vision_token_states(self.vision_model, pixel_values)  # [N, T, H]
+    def encode_images(
+        self,
+        pixel_values: Optional[torch.Tensor] = None,
+        image_features: Optional[torch.Tensor] = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> MVAMEncoderOutput:
+        """Pixels [N, 3, S, S] (the backbone's tokens) or precomputed region features [N, R, F]
+        (with ``image_feature_dim``) -> embedding [N, K*P], views [N, K, P], attention [N, K, T]."""
+        if (pixel_values is None) == (image_features is None):
+            raise ValueError("pass exactly one of pixel_values and image_features")
+        grid = None
+        if image_features is not None:
+            states = check_image_features(image_features, self.config.image_feature_dim)  # [N, R, F]
+        else:
+            if self.vision_model is None:
+                raise ValueError(
+                    f"this model takes precomputed image_features of width {self.config.image_feature_dim}, not pixel_values"
+                )
+            check_pixel_values(pixel_values, self.config.vision_config)
+            states, grid = vision_token_states(self.vision_model, pixel_values)  # [N, T, H]
         views, attention = self.image_views(states)
         return MVAMEncoderOutput(
             pooler_output=concatenate_views(views),
             view_embeds=views,
-            view_attentions=attention,
-            last_hidden_state=states,
+            view_attentions=attention if output_attentions else None,
+            last_hidden_state=states if output_hidden_states else None,
             grid_size=grid,
         )
 
-    def encode_texts(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> MVAMEncoderOutput:
+    def encode_texts(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> MVAMEncoderOutput:
         """input_ids [N, L] (+ mask) -> embedding [N, K*P], views [N, K, P], attention [N, K, L]."""
         attention_mask = check_text_inputs(input_ids, attention_mask, self.config.text_config)
         states = text_token_states(self.text_model, input_ids, attention_mask)  # [N, L, H]
         views, attention = self.text_views(states, attention_mask)
         return MVAMEncoderOutput(
-            pooler_output=concatenate_views(views), view_embeds=views, view_attentions=attention, last_hidden_state=states
+            pooler_output=concatenate_views(views),
+            view_embeds=views,
+            view_attentions=attention if output_attentions else None,
+            last_hidden_state=states if output_hidden_states else None,
         )
 
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+    def get_image_features(
+        self, pixel_values: Optional[torch.Tensor] = None, image_features: Optional[torch.Tensor] = None, **kwargs
+    ) -> BaseModelOutputWithPooling:
         """As transformers 5.x ``CLIPModel.get_image_features``: ``pooler_output`` is the [N, K*P]
         retrieval embedding."""
-        encoded = self.encode_images(pixel_values)
+        encoded = self.encode_images(pixel_values, image_features, output_hidden_states=True)
         return BaseModelOutputWithPooling(last_hidden_state=encoded.last_hidden_state, pooler_output=encoded.pooler_output)
 
     def get_text_features(
         self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs
     ) -> BaseModelOutputWithPooling:
         """As transformers 5.x ``CLIPModel.get_text_features``: ``pooler_output`` is [N, K*P]."""
-        encoded = self.encode_texts(input_ids, attention_mask)
+        encoded = self.encode_texts(input_ids, attention_mask, output_hidden_states=True)
         return BaseModelOutputWithPooling(last_hidden_state=encoded.last_hidden_state, pooler_output=encoded.pooler_output)
 
     # --- matching -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def score(
+        self,
+        image_encoding: MVAMEncoderOutput,
+        text_encoding: MVAMEncoderOutput,
+        memory_budget_mb: float = 512.0,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """[N_images, N_texts] similarities (mean per-view cosines, without the logit scale) of
+        every encoded image against every encoded caption, computed in row chunks whose output
+        stays within ``memory_budget_mb``."""
+        images, texts = image_encoding.pooler_output, text_encoding.pooler_output  # [N_i, E], [N_t, E]
+        if not memory_budget_mb > 0:
+            raise ValueError(f"memory_budget_mb must be positive, got {memory_budget_mb}")
+        rows = max(1, int(memory_budget_mb * 2**20) // (texts.shape[0] * texts.element_size()))
+        chunks = range(0, images.shape[0], rows)
+        if progress:
+            from tqdm.auto import tqdm
+
+            chunks = tqdm(chunks, desc="scoring", unit="chunk")
+        return torch.cat([images[start : start + rows] @ texts.t() for start in chunks])  # [N_i, N_t]
 
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         pixel_values: Optional[torch.FloatTensor] = None,
+        image_features: Optional[torch.FloatTensor] = None,
         return_loss: Optional[bool] = None,
         output_attentions: Optional[bool] = None,
         return_dict: Optional[bool] = None,
@@ -227,27 +299,34 @@ class MVAMModel(MVAMPreTrainedModel):
 
         Args:
             input_ids: [N_texts, L] token ids; attention_mask: [N_texts, L] (1 = real token).
-            pixel_values: [N_images, 3, S, S].
+            pixel_values: [N_images, 3, S, S], or image_features: [N_images, R, F] (exactly one).
             return_loss: compute the training loss; needs paired inputs (image i matches text i),
-                so N_images must equal N_texts.
+                so N_images must equal N_texts. Under torch.distributed the contrastive term takes
+                its negatives from every process's batch (with gradients), so W processes with
+                batch B train like one process with batch W*B.
             output_attentions: also return each view's attention maps.
         """
-        if input_ids is None or pixel_values is None:
-            raise ValueError("MVAMModel.forward needs both input_ids and pixel_values")
-        if return_loss and input_ids.shape[0] != pixel_values.shape[0]:
-            raise ValueError(
-                f"return_loss=True needs paired inputs (image i with caption i), got {pixel_values.shape[0]} "
-                f"images and {input_ids.shape[0]} captions"
-            )
+        if input_ids is None:
+            raise ValueError("MVAMModel.forward needs input_ids")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        images = self.encode_images(pixel_values)
-        texts = self.encode_texts(input_ids, attention_mask)
+        images = self.encode_images(pixel_values, image_features, output_attentions=True)
+        texts = self.encode_texts(input_ids, attention_mask, output_attentions=True)
+        if return_loss and images.pooler_output.shape[0] != texts.pooler_output.shape[0]:
+            raise ValueError(
+                f"return_loss=True needs paired inputs (image i with caption i), got {images.pooler_output.shape[0]} "
+                f"images and {texts.pooler_output.shape[0]} captions"
+            )
 
-        logits_per_image = self.logit_scale.exp() * images.pooler_output @ texts.pooler_output.t()  # [N_i, N_t]
+        logit_scale = self.logit_scale.clamp(0, MAX_LOGIT_SCALE)
+        logits_per_image = logit_scale.exp() * images.pooler_output @ texts.pooler_output.t()  # [N_i, N_t]
         loss = contrastive = diversity = None
         if return_loss:
-            contrastive = contrastive_loss(images.pooler_output, texts.pooler_output, self.logit_scale)
-            diversity = self.diversity_loss(images.view_attentions, texts.view_attentions, attention_mask)
+            # In float32 whatever the autocast dtype: the softmax over the global batch needs it.
+            contrastive = contrastive_loss(
+                images.pooler_output.float(), texts.pooler_output.float(), logit_scale, gather_distributed=True
+            )
+            text_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            diversity = self.diversity_loss(images.view_attentions, texts.view_attentions, text_mask).float()
             loss = contrastive + self.config.diversity_weight * diversity
 
         output = MVAMOutput(
@@ -262,6 +341,7 @@ class MVAMModel(MVAMPreTrainedModel):
             text_view_embeds=texts.view_embeds,
             image_view_attentions=images.view_attentions if output_attentions else None,
             text_view_attentions=texts.view_attentions if output_attentions else None,
+            logit_scale=logit_scale.exp().detach(),
         )
         return output if return_dict else output.to_tuple()
 
@@ -311,4 +391,4 @@ def _load_tower(name_or_path: str, sub_config: str) -> PreTrainedModel:
     return AutoModel.from_pretrained(name_or_path, config=config)
 
 
-__all__ = ["MVAMModel", "MVAMPreTrainedModel", "MultiViewAttentionPooling", "MVAMOutput"]
+__all__ = ["MVAMModel", "MVAMPreTrainedModel", "MultiViewAttentionPooling", "MVAMEncoderOutput", "MVAMOutput"]

@@ -26,6 +26,7 @@ from transformers.utils import ModelOutput
 from .backbones import (
     backbone_hidden_size,
     build_backbone,
+    check_image_features,
     check_pixel_values,
     check_text_inputs,
     text_token_states,
@@ -68,6 +69,32 @@ class UARDAOutput(ModelOutput):
     text_mask: Optional[torch.Tensor] = None
 
 
+@dataclass
+class UARDAImageEncoding(ModelOutput):
+    """Encoded images, what [`UARDAModel.score`] takes.
+
+    Args:
+        image_fragments: [N, R, D] unit-norm region fragments.
+        grid_size: (h, w) of the regions when they come from a vision backbone's grid.
+    """
+
+    image_fragments: Optional[torch.FloatTensor] = None
+    grid_size: Optional[tuple] = None
+
+
+@dataclass
+class UARDATextEncoding(ModelOutput):
+    """Encoded captions, what [`UARDAModel.score`] takes.
+
+    Args:
+        text_fragments: [N, L, D] unit-norm word fragments (padding slots included).
+        text_mask: [N, L] real-word mask (0 on padding).
+    """
+
+    text_fragments: Optional[torch.FloatTensor] = None
+    text_mask: Optional[torch.Tensor] = None
+
+
 class UARDAModel(UARDAPreTrainedModel):
     """The UARDA matcher (and, with ``threshold_mode="scan"``, the SCAN baseline).
 
@@ -100,18 +127,15 @@ class UARDAModel(UARDAPreTrainedModel):
 
     def encode_images(
         self, pixel_values: Optional[torch.Tensor] = None, image_features: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
+    ) -> UARDAImageEncoding:
         """Region fragments [N, R, D], unit norm: from pixels [N, 3, S, S] (the backbone's grid
         tokens; a ViT's CLS token is dropped) or from precomputed features [N, R, F]."""
         if (pixel_values is None) == (image_features is None):
             raise ValueError("pass exactly one of pixel_values and image_features")
+        grid = None
         if image_features is not None:
-            if self.config.image_feature_dim is None:
-                raise ValueError(
-                    "this model encodes pixels (it has a vision backbone); image_features needs a model "
-                    "configured with image_feature_dim"
-                )
-            regions = self._check_image_features(image_features)  # [N, R, F]
+            regions = check_image_features(image_features, self.config.image_feature_dim)  # [N, R, F]
+            regions = regions.to(self.region_projection.weight.dtype)
         else:
             if self.vision_model is None:
                 raise ValueError(
@@ -120,21 +144,22 @@ class UARDAModel(UARDAPreTrainedModel):
             check_pixel_values(pixel_values, self.config.vision_config)
             regions, grid = vision_token_states(self.vision_model, pixel_values)  # [N, T, H]
             regions = regions[:, -grid[0] * grid[1]:]  # [N, R=h*w, H]: grid tokens only
-        return F.normalize(self.region_projection(regions), dim=-1)  # [N, R, D]
+        return UARDAImageEncoding(image_fragments=F.normalize(self.region_projection(regions), dim=-1), grid_size=grid)
 
-    def encode_texts(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
+    def encode_texts(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> UARDATextEncoding:
         """Word fragments [N, L, D] (unit norm) and the real-word mask [N, L]."""
         attention_mask = check_text_inputs(input_ids, attention_mask, self.config.text_config)
         states = text_token_states(self.text_model, input_ids, attention_mask)  # [N, L, H]
-        return F.normalize(self.word_projection(states), dim=-1), attention_mask.bool()
+        return UARDATextEncoding(
+            text_fragments=F.normalize(self.word_projection(states), dim=-1), text_mask=attention_mask.bool()
+        )
 
     # --- scoring --------------------------------------------------------------------------------
 
     def score(
         self,
-        image_fragments: torch.Tensor,
-        text_fragments: torch.Tensor,
-        text_mask: Optional[torch.Tensor] = None,
+        image_encoding: UARDAImageEncoding,
+        text_encoding: UARDATextEncoding,
         memory_budget_mb: float = 512.0,
         progress: bool = False,
         return_stats: bool = False,
@@ -147,9 +172,9 @@ class UARDAModel(UARDAPreTrainedModel):
         else is computed for them; in training mode they also keep SCAN's relevance-score branch,
         as NAAF trains (see ``cross_attention_scores``)."""
         return cross_attention_scores(
-            image_fragments,
-            text_fragments,
-            text_mask,
+            image_encoding.image_fragments,
+            text_encoding.text_fragments,
+            text_encoding.text_mask,
             direction=self.config.direction,
             aggregation=self.config.aggregation,
             lambda_softmax=self.config.lambda_softmax,
@@ -184,14 +209,15 @@ class UARDAModel(UARDAPreTrainedModel):
         if input_ids is None:
             raise ValueError("UARDAModel.forward needs input_ids")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        image_fragments = self.encode_images(pixel_values, image_features)
-        text_fragments, text_mask = self.encode_texts(input_ids, attention_mask)
+        images = self.encode_images(pixel_values, image_features)
+        texts = self.encode_texts(input_ids, attention_mask)
+        image_fragments, text_fragments, text_mask = images.image_fragments, texts.text_fragments, texts.text_mask
         if return_loss and image_fragments.shape[0] != text_fragments.shape[0]:
             raise ValueError(
                 f"return_loss=True needs paired inputs (image i with caption i), got {image_fragments.shape[0]} "
                 f"images and {text_fragments.shape[0]} captions"
             )
-        scores = self.score(image_fragments, text_fragments, text_mask)  # [N_i, N_t]
+        scores = self.score(images, texts)  # [N_i, N_t]
         # The threshold these scores used, before this batch updates it (scan mode: SCAN's 0).
         threshold = self.relevance_threshold.threshold.clone()
         if self.config.threshold_mode == "scan":
@@ -227,19 +253,5 @@ class UARDAModel(UARDAPreTrainedModel):
             threshold=self.relevance_threshold.threshold,
         )
 
-    # --- input checks ---------------------------------------------------------------------------
 
-    def _check_image_features(self, image_features: torch.Tensor) -> torch.Tensor:
-        expected = self.config.image_feature_dim
-        if not isinstance(image_features, torch.Tensor) or image_features.dim() != 3 or image_features.shape[-1] != expected:
-            shape = tuple(image_features.shape) if isinstance(image_features, torch.Tensor) else type(image_features).__name__
-            raise ValueError(f"image_features must be [batch, regions, {expected}], got {shape}")
-        if image_features.shape[0] == 0 or image_features.shape[1] == 0:
-            raise ValueError(f"image_features is empty: shape {tuple(image_features.shape)}")
-        if not torch.isfinite(image_features).all():
-            bad = (~torch.isfinite(image_features)).flatten(1).any(dim=1).nonzero().flatten().tolist()
-            raise ValueError(f"image_features contain NaN or infinite values (images {bad[:10]})")
-        return image_features.to(self.region_projection.weight.dtype)
-
-
-__all__ = ["UARDAModel", "UARDAPreTrainedModel", "UARDAOutput"]
+__all__ = ["UARDAModel", "UARDAPreTrainedModel", "UARDAImageEncoding", "UARDATextEncoding", "UARDAOutput"]

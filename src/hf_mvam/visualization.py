@@ -11,6 +11,8 @@ left open), saves it to ``path`` (parent folders are created) and returns ``path
   the learned threshold.
 - :func:`plot_threshold_trajectory` -- UARDA: the learned threshold over training steps.
 - :func:`plot_word_region_attention` -- UARDA: each word's attention over the image regions.
+- :func:`save_figures` -- the case-study figures of a trained model, as every training run writes
+  them into its model folder.
 """
 
 from __future__ import annotations
@@ -26,11 +28,14 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from .image_loading import load_image
+
 __all__ = [
     "plot_relevance_histograms",
     "plot_threshold_trajectory",
     "plot_view_attention",
     "plot_word_region_attention",
+    "save_figures",
 ]
 
 _HEATMAP = "jet"
@@ -301,6 +306,104 @@ def plot_word_region_attention(
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def save_figures(model, processor, split, folder: str | os.PathLike, log_history: Sequence[dict] = ()) -> list[str]:
+    """Case-study figures of the first example of ``split`` under ``folder/figures``, for the
+    model's type (see ``_FIGURES``).
+
+    Args:
+        model: a trained hf-mvam model (figures are drawn in eval mode; its mode is restored).
+        processor: its processor.
+        split: a split with ``captions`` and ``image`` (or ``image_features``) columns.
+        folder: the model folder.
+        log_history: the run's logged records (``TrainerState.log_history``), for curves.
+
+    Returns:
+        the figure paths relative to ``folder`` (for the model card).
+    """
+    import torch
+
+    folder = Path(folder)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            written = _FIGURES[model.config.model_type](model, processor, split[0], folder / "figures", log_history)
+    finally:
+        model.train(was_training)
+    return [path.relative_to(folder).as_posix() for path in written]
+
+
+def _example_inputs(model, processor, example):
+    """The first caption's tokens and words, and the example's image inputs, on the model's device
+    (``example["image"]`` is decoded in place, for drawing)."""
+    device = next(model.parameters()).device
+    caption = example["captions"][0]
+    tokens = processor(text=[caption], return_tensors="pt").to(device)
+    words = processor.tokenizer.convert_ids_to_tokens(tokens["input_ids"][0].tolist())
+    if "image_features" in example:
+        import torch
+
+        images = {"image_features": torch.as_tensor(np.asarray(example["image_features"]))[None].to(device)}
+    else:
+        example["image"] = load_image(example["image"])
+        images = {"pixel_values": processor(images=[example["image"]], return_tensors="pt")["pixel_values"].to(device)}
+    return caption, tokens, words, images
+
+
+def _mvam_figures(model, processor, example, figures: Path, log_history) -> list[Path]:
+    """Where each view looks in the image and in its first caption (images only)."""
+    if "image" not in example:
+        return []
+    caption, tokens, words, images = _example_inputs(model, processor, example)
+    image = model.encode_images(**images, output_attentions=True)
+    text = model.encode_texts(tokens["input_ids"], tokens["attention_mask"], output_attentions=True)
+    return [
+        plot_view_attention(
+            example["image"], image.view_attentions[0], image.grid_size, words, text.view_attentions[0],
+            figures / "view_attention.png", title=caption,
+        )
+    ]
+
+
+def _uarda_figures(model, processor, example, figures: Path, log_history) -> list[Path]:
+    """The relevant/irrelevant similarity histograms with the learned threshold (from the samples
+    it was fitted on), the threshold over training, and each word's attention over the regions
+    (images only)."""
+    written = []
+    module = model.relevance_threshold
+    seen = min(int(module.relevant_seen), int(module.irrelevant_seen), module.capacity)
+    if seen > 0:
+        fitted = math.isfinite(float(module.relevant_std))
+        written.append(
+            plot_relevance_histograms(
+                module.relevant_samples[:seen], module.irrelevant_samples[:seen], float(module.threshold),
+                figures / "relevance_histograms.png",
+                relevant_stats=(float(module.relevant_mean), float(module.relevant_std)) if fitted else None,
+                irrelevant_stats=(float(module.irrelevant_mean), float(module.irrelevant_std)) if fitted else None,
+            )
+        )
+    trajectory = [(record["step"], record["train/threshold"]) for record in log_history if "train/threshold" in record]
+    if trajectory:
+        steps, thresholds = zip(*trajectory)
+        written.append(plot_threshold_trajectory(steps, thresholds, figures / "threshold_trajectory.png"))
+    if "image" in example:
+        caption, tokens, words, images = _example_inputs(model, processor, example)
+        regions = model.encode_images(**images).image_fragments[0]  # [R, D]
+        text = model.encode_texts(tokens["input_ids"], tokens["attention_mask"])
+        attention, relevant = model.word_region_attention(regions, text.text_fragments[0], text.text_mask[0])  # [L, R]
+        written.append(
+            plot_word_region_attention(
+                example["image"], words, attention, None, figures / "word_region_attention.png",
+                threshold_mask=relevant, title=caption,
+            )
+        )
+    return written
+
+
+#: The figures of each model type.
+_FIGURES = {"mvam": _mvam_figures, "uarda": _uarda_figures}
 
 
 def _figure(size: tuple[float, float]) -> Figure:

@@ -1,0 +1,42 @@
+"""Any other folder of data files ``datasets`` can read (parquet, csv, json, ...), and Hub dataset
+ids."""
+
+from __future__ import annotations
+
+import os
+
+import datasets
+
+from .common import as_dataset_dict
+from .imagefolder import METADATA_FILES
+
+# A string ending like this is a local file, never a Hub id.
+LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".npy", ".txt", ".tsv")
+
+
+def looks_like_local_path(data: str) -> bool:
+    """True for strings that cannot be a Hub id (``owner/name`` or ``name``)."""
+    return (
+        os.path.isabs(data)
+        or data.startswith((".", "~"))
+        or "\\" in data
+        or data.count("/") > 1
+        or data.lower().endswith(LOCAL_SUFFIXES)
+    )
+
+
+def load_data_files(folder: str) -> datasets.DatasetDict:
+    """A folder in none of our layouts: let ``datasets`` infer its format (parquet, csv, ...)."""
+    try:
+        return as_dataset_dict(datasets.load_dataset(folder))
+    except Exception as error:  # datasets raises many kinds here; add what we looked for
+        raise ValueError(
+            f"cannot read the folder {folder}: it is not a save_to_disk folder (dataset_dict.json "
+            f"or state.json), an image folder with one of {', '.join(METADATA_FILES)}, a SCAN "
+            "folder ({split}_ims.npy + {split}_caps.txt), nor data files datasets can read "
+            f"({type(error).__name__}: {error})"
+        ) from error
+
+
+def load_hub(dataset_id: str) -> datasets.DatasetDict:
+    return as_dataset_dict(datasets.load_dataset(dataset_id))

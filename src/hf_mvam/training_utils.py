@@ -1,7 +1,7 @@
 """The pieces of ``training/run.py`` worth reading (and testing) on their own.
 
-- Data: :func:`load_splits`, the synthetic benchmark or the user's data, as run.py records it (so
-  that ``check_folder.py`` loads the same test split again).
+- Data: :func:`load_splits` and :func:`load_recorded_eval_split` live in :mod:`hf_mvam.data.splits`
+  and are imported here.
 - Loss: :func:`training_loss` of one batch, MVAM's with negatives gathered from every process.
 - Checkpoints: :func:`save_checkpoint` writes ``accelerator.save_state`` (weights, optimizer,
   scheduler, RNG states), the processor and a small ``trainer_state.json`` (:class:`TrainerState`)
@@ -28,8 +28,7 @@ from pathlib import Path
 import torch
 
 from . import visualization
-from .data.sources import load_image_caption_dataset
-from .data.synthetic import default_cache_dir, generate_synthetic_benchmark
+from .data.splits import SYNTHETIC_BENCHMARK_SEED, TRAINING_ARGS_NAME, load_recorded_eval_split, load_splits  # noqa: F401 (re-exported)
 from .losses import contrastive_loss
 
 __all__ = [
@@ -49,56 +48,7 @@ __all__ = [
 CHECKPOINT_PREFIX = "checkpoint_"
 TRAINER_STATE_NAME = "trainer_state.json"
 PROCESSOR_DIR = "processor"  # inside every checkpoint: a trained tokenizer must come back as it was
-TRAINING_ARGS_NAME = "training_args.json"  # in the model folder: every argument of the run
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
-SYNTHETIC_BENCHMARK_SEED = 0  # the benchmark stays the same whatever the training seed
-
-
-# --------------------------------------------------------------------------- data
-
-
-def load_splits(
-    data: str | None = None,
-    image_root: str | None = None,
-    image_column: str | None = None,
-    caption_column: str | None = None,
-    num_train_images: int = 10_000,
-    num_validation_images: int = 500,
-    num_test_images: int = 1_000,
-):
-    """The splits to train and evaluate on, a readable name of the data, and the loader's statistics.
-
-    ``data=None`` gives the built-in synthetic benchmark (seed 0, cached under
-    :func:`~hf_mvam.data.synthetic.default_cache_dir`) with the ``num_*_images`` sizes; otherwise
-    :func:`~hf_mvam.data.sources.load_image_caption_dataset` loads ``data`` (its errors propagate)
-    and the statistics list what it skipped (``None`` for the synthetic benchmark).
-    """
-    if data is None:
-        splits = generate_synthetic_benchmark(
-            num_train=num_train_images,
-            num_validation=num_validation_images,
-            num_test=num_test_images,
-            seed=SYNTHETIC_BENCHMARK_SEED,
-            cache_dir=default_cache_dir(),
-        )
-        return splits, "hf-mvam synthetic benchmark", None
-    splits, stats = load_image_caption_dataset(
-        data, image_root=image_root, image_column=image_column, caption_column=caption_column
-    )
-    return splits, data, stats
-
-
-def load_recorded_eval_split(folder: str | os.PathLike):
-    """The split a model folder written by ``training/run.py`` was evaluated on, loaded again from
-    the data settings its ``training_args.json`` records.
-
-    Returns:
-        ``(split, dataset_name, recorded)``, ``recorded`` being the parsed ``training_args.json``.
-    """
-    recorded = json.loads((Path(folder) / TRAINING_ARGS_NAME).read_text())
-    data = {k: v for k, v in recorded["data"].items() if k != "all_pairs"}  # a sampling option, not data
-    splits, dataset_name, _ = load_splits(**data)
-    return splits[recorded["eval_split"]], dataset_name, recorded
 
 
 # --------------------------------------------------------------------------- trainer state

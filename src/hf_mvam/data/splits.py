@@ -1,0 +1,60 @@
+"""The splits ``training/run.py`` trains and evaluates on, and the same evaluation split loaded
+again from what a model folder records (``training/check_folder.py``, the benchmarks)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .sources import load_image_caption_dataset
+from .synthetic import default_cache_dir, generate_synthetic_benchmark
+
+__all__ = ["SYNTHETIC_BENCHMARK_SEED", "TRAINING_ARGS_NAME", "load_recorded_eval_split", "load_splits"]
+
+TRAINING_ARGS_NAME = "training_args.json"  # in the model folder: every argument of the run
+SYNTHETIC_BENCHMARK_SEED = 0  # the benchmark stays the same whatever the training seed
+
+
+def load_splits(
+    data: str | None = None,
+    image_root: str | None = None,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    num_train_images: int = 10_000,
+    num_validation_images: int = 500,
+    num_test_images: int = 1_000,
+):
+    """The splits to train and evaluate on, a readable name of the data, and the loader's statistics.
+
+    ``data=None`` gives the built-in synthetic benchmark (seed 0, cached under
+    :func:`~hf_mvam.data.synthetic.default_cache_dir`) with the ``num_*_images`` sizes; otherwise
+    :func:`~hf_mvam.data.sources.load_image_caption_dataset` loads ``data`` (its errors propagate)
+    and the statistics list what it skipped (``None`` for the synthetic benchmark).
+    """
+    if data is None:
+        splits = generate_synthetic_benchmark(
+            num_train=num_train_images,
+            num_validation=num_validation_images,
+            num_test=num_test_images,
+            seed=SYNTHETIC_BENCHMARK_SEED,
+            cache_dir=default_cache_dir(),
+        )
+        return splits, "hf-mvam synthetic benchmark", None
+    splits, stats = load_image_caption_dataset(
+        data, image_root=image_root, image_column=image_column, caption_column=caption_column
+    )
+    return splits, data, stats
+
+
+def load_recorded_eval_split(folder: str | os.PathLike):
+    """The split a model folder written by ``training/run.py`` was evaluated on, loaded again from
+    the data settings its ``training_args.json`` records.
+
+    Returns:
+        ``(split, dataset_name, recorded)``, ``recorded`` being the parsed ``training_args.json``.
+    """
+    recorded = json.loads((Path(folder) / TRAINING_ARGS_NAME).read_text())
+    data = {k: v for k, v in recorded["data"].items() if k != "all_pairs"}  # a sampling option, not data
+    splits, dataset_name, _ = load_splits(**data)
+    return splits[recorded["eval_split"]], dataset_name, recorded

@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+import datasets
+
 from .sources import load_image_caption_dataset
 from .synthetic import default_cache_dir, generate_synthetic_benchmark
 
@@ -27,6 +29,8 @@ def load_splits(
 ):
     """The splits to train and evaluate on, a readable name of the data, and the loader's statistics.
 
+    Images come undecoded (``datasets.Image(decode=False)``): the processor decodes them.
+
     ``data=None`` gives the built-in synthetic benchmark (seed 0, cached under
     :func:`~hf_mvam.data.synthetic.default_cache_dir`) with the ``num_*_images`` sizes; otherwise
     :func:`~hf_mvam.data.sources.load_image_caption_dataset` loads ``data`` (its errors propagate)
@@ -40,7 +44,8 @@ def load_splits(
             seed=SYNTHETIC_BENCHMARK_SEED,
             cache_dir=default_cache_dir(),
         )
-        return splits, "hf-mvam synthetic benchmark", None
+        # Undecoded, as the loaders give user data: every image goes through the one decoder.
+        return splits.cast_column("image", datasets.Image(decode=False)), "hf-mvam synthetic benchmark", None
     splits, stats = load_image_caption_dataset(
         data, image_root=image_root, image_column=image_column, caption_column=caption_column
     )

@@ -13,7 +13,9 @@
 
 Every split comes out with the columns
 
-``image``           ``datasets.Image()`` (decodes to a PIL image), or for precomputed features
+``image``           ``datasets.Image(decode=False)``: ``{"bytes", "path"}`` dicts, decoded by
+                    :func:`hf_mvam.image_loading.load_image` where they are used (the processor,
+                    the collator, the figures), never by ``datasets``; or for precomputed features
 ``image_features``  ``Array2D((R, D), "float32")`` region features of one image, and
 ``captions``        list of non-empty, stripped strings (one or more per image).
 

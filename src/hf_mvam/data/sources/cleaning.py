@@ -16,7 +16,7 @@ def drop_bad_examples(
     """Strip captions, drop empty ones and skip images that are unusable or left uncaptioned.
 
     Returns:
-        the cleaned split (``image`` cast back to a decoding ``Image()``), the skipped images as
+        the cleaned split (``image`` still undecoded), the skipped images as
         ``(split, path or name, reason)``, and the number of dropped captions.
     """
     # Output types given, so that a first batch without any caption cannot make them null.
@@ -64,8 +64,6 @@ def drop_bad_examples(
         batched=True,
         desc=f"Skipping bad {split} examples",
     ).remove_columns(["_name", "_problem", "_dropped"])
-    if "image" in kept.column_names:
-        kept = kept.cast_column("image", datasets.Image())
     return kept, problems, sum(report["_dropped"])
 
 

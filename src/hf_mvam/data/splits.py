@@ -26,6 +26,7 @@ def load_splits(
     num_train_images: int = 10_000,
     num_validation_images: int = 500,
     num_test_images: int = 1_000,
+    allow_paths_outside_data_root: bool = False,
 ):
     """The splits to train and evaluate on, a readable name of the data, and the loader's statistics.
 
@@ -33,8 +34,9 @@ def load_splits(
 
     ``data=None`` gives the built-in synthetic benchmark (seed 0, cached under
     :func:`~hf_mvam.data.synthetic.default_cache_dir`) with the ``num_*_images`` sizes; otherwise
-    :func:`~hf_mvam.data.sources.load_image_caption_dataset` loads ``data`` (its errors propagate)
-    and the statistics list what it skipped (``None`` for the synthetic benchmark).
+    :func:`~hf_mvam.data.sources.load_image_caption_dataset` loads ``data`` (its errors propagate;
+    ``image_root``, the column names and ``allow_paths_outside_data_root`` are its arguments) and
+    the statistics are its statistics (``None`` for the synthetic benchmark).
     """
     if data is None:
         splits = generate_synthetic_benchmark(
@@ -47,7 +49,11 @@ def load_splits(
         # Undecoded, as the loaders give user data: every image goes through the one decoder.
         return splits.cast_column("image", datasets.Image(decode=False)), "hf-mvam synthetic benchmark", None
     splits, stats = load_image_caption_dataset(
-        data, image_root=image_root, image_column=image_column, caption_column=caption_column
+        data,
+        image_root=image_root,
+        image_column=image_column,
+        caption_column=caption_column,
+        allow_paths_outside_data_root=allow_paths_outside_data_root,
     )
     return splits, data, stats
 

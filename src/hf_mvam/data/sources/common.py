@@ -3,8 +3,8 @@ split names, and the conversion of a loaded ``DatasetDict`` with arbitrary colum
 
 from __future__ import annotations
 
+import codecs
 import hashlib
-import os
 
 import datasets
 import numpy as np
@@ -36,10 +36,7 @@ def as_dataset_dict(loaded: datasets.Dataset | datasets.DatasetDict) -> datasets
 
 
 def to_common_columns(
-    raw: datasets.DatasetDict,
-    image_column: str | None,
-    caption_column: str | None,
-    image_root: str | None,
+    raw: datasets.DatasetDict, image_column: str | None, caption_column: str | None
 ) -> datasets.DatasetDict:
     """Rename, re-split and convert a loaded ``DatasetDict`` to ``image``/``captions`` columns."""
     first = next(iter(raw.values()))
@@ -49,7 +46,7 @@ def to_common_columns(
         raw = _normalise_split_names(raw)
     return datasets.DatasetDict(
         {
-            split: _common_columns(dataset, split, image_column, caption_column, image_root)
+            split: _common_columns(dataset, split, image_column, caption_column)
             for split, dataset in raw.items()
         }
     )
@@ -95,16 +92,13 @@ def _normalise_split_names(raw: datasets.DatasetDict) -> datasets.DatasetDict:
 
 
 def _common_columns(
-    dataset: datasets.Dataset,
-    split: str,
-    image_column: str | None,
-    caption_column: str | None,
-    image_root: str | None,
+    dataset: datasets.Dataset, split: str, image_column: str | None, caption_column: str | None
 ) -> datasets.Dataset:
     """One split as ``image`` (``Image(decode=False)``) or ``image_features``, and ``captions``.
 
     Captions are raw lists here (not yet stripped or filtered); rows of the same image file with
-    one caption each are merged.
+    one caption each are merged. File paths stay as written: the cleaning step resolves them
+    against the data root.
     """
     image_column = _find_image_column(dataset, split, image_column)
     caption_column = _find_caption_column(dataset, split, caption_column, image_column)
@@ -120,17 +114,7 @@ def _common_columns(
         features=datasets.Features({image_column: image_feature, "captions": CAPTIONS_FEATURE}),
         desc=f"Reading {split} captions",
     )
-    if isinstance(image_feature, datasets.Image):
-        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-    elif _is_string_feature(image_feature):  # file paths
-        if image_root is not None:
-            dataset = dataset.map(
-                _join_root,
-                fn_kwargs={"root": image_root, "column": image_column},
-                input_columns=image_column,
-                batched=True,
-                desc=f"Resolving {split} image paths",
-            )
+    if isinstance(image_feature, datasets.Image) or _is_string_feature(image_feature):  # or file paths
         dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
     else:
         dataset = dataset.cast_column(image_column, _float32_array_feature(dataset, image_column))
@@ -216,11 +200,6 @@ def _caption_lists(values: list) -> dict[str, list[list[str]]]:
     return {"captions": lists}
 
 
-def _join_root(paths: list, root: str, column: str) -> dict[str, list]:
-    # The returned column replaces the input column of the same name.
-    return {column: [p if p is None or os.path.isabs(p) else os.path.join(root, p) for p in paths]}
-
-
 def _merge_rows_of_the_same_image(dataset: datasets.Dataset, split: str) -> datasets.Dataset:
     """Merge rows that hold the same image (one caption per row, as in a metadata CSV).
 
@@ -263,6 +242,26 @@ def _image_keys(images: list) -> dict[str, list]:
 
 
 # --- Small helpers ----------------------------------------------------------------------------
+
+
+def check_utf8(path: str) -> None:
+    """Raise a one-line ValueError naming ``path`` unless it is UTF-8 text (read in 1 MiB chunks)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as file:
+        while True:
+            chunk = file.read(1 << 20)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as error:  # error.object: bytes held from before + chunk
+                position = offset - (len(error.object) - len(chunk)) + error.start
+                raise ValueError(
+                    f"{path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                    f"{position}): save it as UTF-8"
+                ) from None
+            if not chunk:
+                return
+            offset += len(chunk)
 
 
 def split_name(name: str) -> str:

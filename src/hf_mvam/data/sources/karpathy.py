@@ -9,7 +9,7 @@ from typing import Any
 
 import datasets
 
-from .common import CAPTIONS_FEATURE, ordered_splits, split_name
+from .common import CAPTIONS_FEATURE, check_utf8, ordered_splits, split_name
 
 
 def load_karpathy(
@@ -18,15 +18,15 @@ def load_karpathy(
     """Read ``images[].{filepath, filename, split, sentences[].raw}`` into common-format splits.
 
     Entries that are not objects or lack a string filename are skipped into ``skipped_images``;
-    a sentence may also be a plain string, or give only its ``tokens``.
+    a sentence may also be a plain string, or give only its ``tokens``. Image paths are
+    ``image_root/filepath/filename`` as written; the cleaning step confines them to ``image_root``.
     """
     if image_root is None:
         raise ValueError(
             f"{json_path} is read as a Karpathy split JSON, whose images live elsewhere: pass "
             "image_root= (the folder holding the image files, or their filepath subfolders)"
         )
-    if not os.path.isdir(image_root):
-        raise FileNotFoundError(f"image_root {image_root} is not an existing folder")
+    check_utf8(json_path)
     with open(json_path, encoding="utf-8") as file:
         try:
             content = json.load(file)

@@ -3,6 +3,7 @@ again from what a model folder records (``training/check_folder.py``, the benchm
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -66,6 +67,7 @@ def load_recorded_eval_split(folder: str | os.PathLike):
         ``(split, dataset_name, recorded)``, ``recorded`` being the parsed ``training_args.json``.
     """
     recorded = json.loads((Path(folder) / TRAINING_ARGS_NAME).read_text())
-    data = {k: v for k, v in recorded["data"].items() if k != "all_pairs"}  # a sampling option, not data
-    splits, dataset_name, _ = load_splits(**data)
+    # The data arguments also hold sampling options (all_pairs, ...): only load_splits' own count.
+    parameters = inspect.signature(load_splits).parameters
+    splits, dataset_name, _ = load_splits(**{k: v for k, v in recorded["data"].items() if k in parameters})
     return splits[recorded["eval_split"]], dataset_name, recorded

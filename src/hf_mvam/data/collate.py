@@ -79,7 +79,7 @@ class ImageCaptionPairs(Dataset):
     """All (image, caption) pairs of a split, as ``{"image" or "image_features": ..., "caption": str}``.
 
     Args:
-        split: a ``datasets.Dataset`` with ``captions`` and ``image`` (decoded to PIL) or
+        split: a ``datasets.Dataset`` with ``captions`` and ``image`` (anything the processor takes) or
             ``image_features`` (``[R, F]`` arrays) columns.
     """
 

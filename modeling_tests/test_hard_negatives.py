@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import torch
+
 from hf_mvam.data.hard_negatives import HardNegativeGenerator
 
 CAPTIONS = [
@@ -61,3 +63,18 @@ def test_a_caption_without_class_words_is_shuffled():
     negative = HardNegativeGenerator(CAPTIONS)("something else entirely")
     assert negative != "something else entirely"
     assert sorted(negative.split()) == sorted("something else entirely".split())
+
+
+def test_the_collator_adds_each_pairs_negative(mvam_processor):
+    import numpy as np
+
+    from hf_mvam.data.collate import ImageCaptionCollator
+
+    generator = HardNegativeGenerator(CAPTIONS)
+    pairs = [{"image_features": np.zeros((3, 4), np.float32), "caption": caption} for caption in CAPTIONS[:3]]
+    batch = ImageCaptionCollator(mvam_processor, hard_negatives=generator)(pairs)
+    expected = mvam_processor(text=[generator(caption) for caption in CAPTIONS[:3]])
+    assert torch.equal(batch["negative_input_ids"], expected["input_ids"])
+    assert torch.equal(batch["negative_attention_mask"], expected["attention_mask"])
+    assert batch["input_ids"].shape[0] == batch["negative_input_ids"].shape[0] == 3
+    assert "negative_input_ids" not in ImageCaptionCollator(mvam_processor)(pairs)

@@ -33,7 +33,11 @@ def _rank_offset(local_batch: int) -> int:
 
 
 def contrastive_loss(
-    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, gather_distributed: bool = False
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor,
+    gather_distributed: bool = False,
+    negative_text_embeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE (CLIP) where image ``i`` matches text ``i``.
 
@@ -45,19 +49,26 @@ def contrastive_loss(
             Each process scores its own rows against the global batch (open_clip's ``local_loss``);
             the mean over processes equals the single-process loss on the global batch, and so do
             the gradients after DDP averages them.
+        negative_text_embeds: [B', E] hard negative captions (NegCLIP): extra columns of every
+            image's softmax over the captions (gathered like the captions); they are never queries.
     """
     scale = logit_scale.exp()
-    all_images = gather_with_grad(image_embeds) if gather_distributed else image_embeds  # [W*B, E]
-    all_texts = gather_with_grad(text_embeds) if gather_distributed else text_embeds  # [W*B, E]
+    gather = gather_with_grad if gather_distributed else (lambda embeds: embeds)
+    all_images = gather(image_embeds)  # [W*B, E]
+    all_texts = gather(text_embeds)  # [W*B, E]
+    if negative_text_embeds is not None:
+        all_texts = torch.cat([all_texts, gather(negative_text_embeds)])  # [W*B + W*B', E]
     labels = torch.arange(image_embeds.shape[0], device=image_embeds.device)
     if gather_distributed:
         labels = labels + _rank_offset(image_embeds.shape[0])
-    logits_per_image = scale * image_embeds @ all_texts.t()  # [B, W*B]
+    logits_per_image = scale * image_embeds @ all_texts.t()  # [B, W*B (+ W*B')]
     logits_per_text = scale * text_embeds @ all_images.t()  # [B, W*B]
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
-def triplet_loss(scores: torch.Tensor, margin: float, max_violation: bool = True) -> torch.Tensor:
+def triplet_loss(
+    scores: torch.Tensor, margin: float, max_violation: bool = True, negative_scores: torch.Tensor | None = None
+) -> torch.Tensor:
     """VSE++ hinge triplet loss over in-batch negatives, in both directions.
 
     Args:
@@ -66,12 +77,16 @@ def triplet_loss(scores: torch.Tensor, margin: float, max_violation: bool = True
         max_violation: only the hardest negative of each query counts (VSE++/SCAN's
             ``max_violation``); otherwise the hinge costs of all negatives are summed. Hardest-only
             stalls when both towers start from random weights; the sum gets them off the ground.
+        negative_scores: [B, B'] image-by-hard-negative-caption scores (NegCLIP): more caption
+            negatives for every image; they are never queries.
     Returns: the cost summed over negatives (or the hardest one), averaged over the batch.
     """
     positives = scores.diag()  # [B]
     eye = torch.eye(scores.shape[0], dtype=torch.bool, device=scores.device)
     cost_text = F.relu(margin + scores - positives[:, None]).masked_fill(eye, 0)  # [B, B] per image, each caption
     cost_image = F.relu(margin + scores - positives[None, :]).masked_fill(eye, 0)  # [B, B] per caption, each image
+    if negative_scores is not None:
+        cost_text = torch.cat([cost_text, F.relu(margin + negative_scores - positives[:, None])], dim=1)  # [B, B + B']
     if max_violation:
         return (cost_text.max(dim=1).values + cost_image.max(dim=0).values).mean()
     return (cost_text.sum() + cost_image.sum()) / scores.shape[0]

@@ -1,4 +1,5 @@
-"""The region encoder: RoIAlign, NMS, geometry, pretraining, detection."""
+"""The region encoder (RoIAlign, NMS, geometry, pretraining, detection) and the feature-extraction
+command that writes SCAN's precomputed layout."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from hf_mvam.data.sources import load_image_caption_dataset
 from hf_mvam.data.synthetic import generate_synthetic_benchmark
+from hf_mvam.extract_features import main as extract_main
+from hf_mvam.extract_features import processed_region
 from hf_mvam.region_encoder import (
     RegionEncoderConfig,
     RegionEncoderModel,
@@ -224,3 +229,152 @@ def test_detection_is_batch_invariant_and_survives_a_save(tmp_path):
     reloaded = RegionEncoderModel.from_pretrained(tmp_path / "encoder").eval()
     torch.testing.assert_close(reloaded.detect(pixels).region_features, detections.region_features)
     assert reloaded.config.size_names == ["d", "e"]
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def _layout(folder, prefix):
+    return {
+        "ims": np.load(folder / f"{prefix}_ims.npy"),
+        "boxes": np.load(folder / f"{prefix}_boxes.npy"),
+        "caps": (folder / f"{prefix}_caps.txt").read_text().splitlines(),
+        "images": (folder / f"{prefix}_images.txt").read_text().splitlines(),
+    }
+
+
+def test_command_on_the_synthetic_benchmark_round_trips_through_the_loader(tmp_path, capsys):
+    out = tmp_path / "features"
+    argv = ["--output_dir", str(out), "--train_region_encoder", "--num_train_images", "24", "--num_validation_images",
+            "8", "--num_test_images", "8", "--region_encoder_max_steps", "3", "--region_encoder_num_images", "24",
+            "--batch_size", "16"]
+    record = extract_main(argv)
+    synthetic = generate_synthetic_benchmark(num_train=24, num_validation=8, num_test=8, seed=0)
+    feature_dim = RegionEncoderConfig().feature_dim
+    loaded, stats = load_image_caption_dataset(out)
+    assert stats["source"] == "scan_precomputed" and list(loaded) == ["train", "validation", "test"]
+    for name, prefix in (("train", "train"), ("validation", "dev"), ("test", "test")):
+        files = _layout(out, prefix)
+        count = len(synthetic[name])
+        assert files["ims"].shape == (count, 36, feature_dim) and files["ims"].dtype == np.float32
+        assert files["boxes"].shape == (count, 36, 4)
+        assert files["images"] == [f"{name}[{i}]" for i in range(count)]
+        rows = loaded[name].with_format("numpy")
+        assert rows[0]["image_features"].shape == (36, feature_dim)
+        np.testing.assert_array_equal(np.stack(rows["image_features"]), files["ims"])
+        assert loaded[name]["captions"] == synthetic[name]["captions"]  # 5 each, in order
+        # 64 x 64 images: the geometry is the boxes over 64.
+        np.testing.assert_allclose(files["ims"][..., -5:-1], files["boxes"] / 64, rtol=1e-5, atol=1e-6)
+    assert (out / "region_encoder" / "config.json").is_file()
+    assert record["encoder"]["pretraining"]["validation"]["objects"] > 0
+    assert json.loads((out / "extraction.json").read_text())["splits"]["test"]["captions_per_image"] == 5
+    # An existing extraction is never replaced without --overwrite_output_dir.
+    with pytest.raises(SystemExit, match="already holds train_ims.npy"):
+        extract_main(argv)
+    encoder = str(out / "region_encoder")
+    extract_main(["--output_dir", str(out), "--region_encoder", encoder, "--overwrite_output_dir", "--num_train_images",
+                  "24", "--num_validation_images", "8", "--num_test_images", "8", "--num_regions", "10"])
+    assert np.load(out / "test_ims.npy").shape == (8, 10, feature_dim)
+    assert not list(out.glob(".tmp-*"))
+
+
+@pytest.fixture
+def uneven_imagefolder(tmp_path):
+    """Non-square images; one train image with 3 captions, the other with 2."""
+    folder = tmp_path / "images"
+    rows = {"train": [("a.png", (48, 32), ["red", "a red\nimage", "three"]), ("b.png", (40, 64), ["blue", "two"])],
+            "test": [("c.png", (32, 32), ["green", "grey", "a square"])]}
+    for split, images in rows.items():
+        (folder / split).mkdir(parents=True)
+        with open(folder / split / "metadata.jsonl", "w") as handle:
+            for name, size, captions in images:
+                Image.new("RGB", size, (200, 30, 30)).save(folder / split / name)
+                handle.write(json.dumps({"file_name": name, "captions": captions}) + "\n")
+    return folder
+
+
+def test_command_keeps_the_same_number_of_captions_per_image(tmp_path, uneven_imagefolder):
+    encoder = tmp_path / "encoder"
+    RegionEncoderModel(RegionEncoderConfig(**TINY_ENCODER)).save_pretrained(encoder)
+    out = tmp_path / "fewest"
+    extract_main(["--data", str(uneven_imagefolder), "--region_encoder", str(encoder), "--output_dir", str(out)])
+    files = _layout(out, "train")
+    assert [path.rsplit("/", 1)[-1] for path in files["images"]] == ["a.png", "b.png"]
+    assert files["caps"] == ["red", "a red image", "blue", "two"]  # the first 2 of a.png's 3
+    sizes = np.array([[48, 32], [40, 64]], dtype=np.float32)  # (W, H)
+    boxes = files["boxes"]
+    assert (boxes >= 0).all() and (boxes[..., [0, 2]] <= sizes[:, None, :1]).all() and (boxes[..., [1, 3]] <= sizes[:, None, 1:]).all()
+    np.testing.assert_allclose(files["ims"][..., -5:-1], boxes / np.tile(sizes, 2)[:, None, :], rtol=1e-5, atol=1e-6)
+    record = json.loads((out / "extraction.json").read_text())
+    assert record["splits"]["train"]["captions_per_image"] == 2 and record["splits"]["train"]["dropped_captions"] == 1
+    assert not (out / "dev_ims.npy").exists()
+
+    out = tmp_path / "three"
+    extract_main(["--data", str(uneven_imagefolder), "--region_encoder", str(encoder), "--output_dir", str(out),
+                  "--captions_per_image", "3"])
+    assert _layout(out, "train")["caps"] == ["red", "a red image", "three"]
+    assert json.loads((out / "extraction.json").read_text())["splits"]["train"]["skipped_images"] == [["train[1]", "fewer than 3 captions"]]
+    with pytest.raises(SystemExit, match="no image of the train split has 4 captions"):
+        extract_main(["--data", str(uneven_imagefolder), "--region_encoder", str(encoder), "--output_dir",
+                      str(tmp_path / "none"), "--captions_per_image", "4"])
+    assert not list((tmp_path / "none").iterdir())  # checked before anything is written
+
+
+def test_command_with_a_backbone_writes_its_grid_tokens(tmp_path, uneven_imagefolder):
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
+
+    tower = tmp_path / "tower"
+    config = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=2)
+    model = CLIPVisionModel(config).eval()
+    model.save_pretrained(tower)
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor.save_pretrained(tower)
+    out = tmp_path / "grid"
+    record = extract_main(["--data", str(uneven_imagefolder), "--vision_model_name_or_path", str(tower), "--output_dir", str(out)])
+    files = _layout(out, "train")
+    assert files["ims"].shape == (2, 16, 32 + 5) and record["encoder"]["grid"] == [4, 4]
+    images = [Image.open(uneven_imagefolder / "train" / name).convert("RGB") for name in ("a.png", "b.png")]
+    with torch.no_grad():
+        states = model(**processor(images=images, return_tensors="pt")).last_hidden_state
+        tokens = model.post_layernorm(states)[:, 1:]  # CLS dropped
+    np.testing.assert_allclose(files["ims"][..., :32], tokens.numpy(), rtol=1e-4, atol=1e-5)
+    # a.png is 48 x 32: resized to shortest edge 32 (unchanged), centre crop x in [8, 40]: cell (0, 0) is
+    # (8, 0, 16, 8); b.png is 40 x 64: scaled by 0.8 to 32 x 51.2, crop y in [9.6, 41.6] / 0.8 = [12, 52].
+    np.testing.assert_allclose(files["boxes"][0, 0], [8, 0, 16, 8], atol=1e-4)
+    np.testing.assert_allclose(files["boxes"][1, 15], [30, 42, 40, 52], atol=1e-4)
+    np.testing.assert_allclose(files["ims"][0, 0, 32:], [8 / 48, 0, 16 / 48, 8 / 32, (8 / 48) * (8 / 32)], atol=1e-6)
+    assert processed_region(processor, 40, 64) == pytest.approx((0, 12, 40, 52))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ([], "exactly one of --region_encoder"),
+        (["--train_region_encoder", "--vision_model_name_or_path", "x"], "exactly one of"),
+        (["--vision_model_name_or_path", "x", "--num_regions", "9"], "a backbone's grid"),
+        (["--region_encoder", "/nonexistent/encoder"], "is not a folder"),
+        (["--train_region_encoder", "--batch_size", "0"], "--batch_size must be >= 1"),
+    ],
+)
+def test_bad_arguments_are_refused_with_one_line(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit):
+        extract_main(["--output_dir", str(tmp_path / "out"), *extra])
+    assert message in capsys.readouterr().err
+
+
+def test_bad_data_is_refused_with_one_line(tmp_path, uneven_imagefolder):
+    encoder = tmp_path / "encoder"
+    RegionEncoderModel(RegionEncoderConfig(**TINY_ENCODER)).save_pretrained(encoder)
+    features = tmp_path / "scan"
+    features.mkdir()
+    np.save(features / "train_ims.npy", np.zeros((2, 3, 4), dtype=np.float32))
+    (features / "train_caps.txt").write_text("a\nb\n")
+    with pytest.raises(SystemExit, match="holds precomputed image_features already"):
+        extract_main(["--data", str(features), "--region_encoder", str(encoder), "--output_dir", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="cannot load --data"):
+        extract_main(["--data", str(tmp_path / "missing.json"), "--region_encoder", str(encoder), "--output_dir", str(tmp_path / "o")])
+    not_an_encoder = tmp_path / "empty"
+    not_an_encoder.mkdir()
+    with pytest.raises(SystemExit, match="cannot load --region_encoder"):
+        extract_main(["--data", str(uneven_imagefolder), "--region_encoder", str(not_an_encoder), "--output_dir", str(tmp_path / "o")])

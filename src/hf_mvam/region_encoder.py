@@ -24,8 +24,7 @@ minutes for the synthetic benchmark), the cheap stage ~1 ms.
 Pretraining (:func:`train_region_encoder`) uses the synthetic benchmark's object labels, as BUTD
 used Visual Genome's: jittered ground-truth boxes (IoU > 0.7) labelled with their attributes, and
 background boxes (IoU < 0.3 with every object: random ones and crops that overlap objects in
-part) labelled background. The objectness target of a jittered box is its IoU, so that of several
-boxes on one object the best-aligned wins NMS. Detection (:meth:`RegionEncoderModel.detect`) needs
+part) labelled background. Detection (:meth:`RegionEncoderModel.detect`) needs
 no ground truth: the features exist for any image. :func:`evaluate_region_encoder` measures
 detector recall and attribute accuracy on held-out images.
 
@@ -449,8 +448,7 @@ class RegionEncoderModel(PreTrainedModel):
         """Score ``[B, K, 4]`` boxes of ``[B, 3, S, S]`` images.
 
         Args:
-            objectness_labels: ``[B, K]`` objectness targets in [0, 1] (0 for background; a
-                box's IoU with its object, or 1), -1 ignored.
+            objectness_labels: ``[B, K]`` 1 for objects, 0 for background, -1 ignored.
             attribute_labels: ``[B, K, 3]`` shape, colour, size indices (-100 for background).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
@@ -572,10 +570,8 @@ def sample_training_boxes(
         object_boxes: ``[n, 4]`` ground-truth boxes (n >= 1), in pixels.
 
     Returns:
-        ``[num_positive + num_negative, 4]`` float32 boxes, ``[same]`` int64: the object index of
-        each positive (-1 for the negatives), and ``[same]`` float32: each positive's IoU with
-        its object (0 for the negatives), the objectness target, so that the best-aligned of
-        several boxes on one object scores highest (an IoU-aware score, as in IoU-Net).
+        ``[num_positive + num_negative, 4]`` float32 boxes and ``[same]`` int64: the object index
+        of each positive, -1 for the negatives.
     """
     object_boxes = np.asarray(object_boxes, dtype=np.float64).reshape(-1, 4)
     n = object_boxes.shape[0]
@@ -593,7 +589,7 @@ def sample_training_boxes(
         centre = centre + rng.uniform(-shift, shift, size=(count, 2)) * (source[:, 2:] - source[:, :2])
         return clip(np.concatenate([centre - side / 2, centre + side / 2], axis=1))
 
-    positives, positive_objects, positive_ious = [], [], []
+    positives, positive_objects = [], []
     for k in range(num_positive):
         target = k % n
         while True:  # >95 % of draws are accepted
@@ -603,7 +599,6 @@ def sample_training_boxes(
             if good.size:
                 positives.append(box[good[0]])
                 positive_objects.append(target)
-                positive_ious.append(iou[good[0]])
                 break
     negatives: list[np.ndarray] = []
     while len(negatives) < num_negative:
@@ -619,8 +614,7 @@ def sample_training_boxes(
             negatives.extend(candidates[valid][: (num_negative + 1) // 2])
     boxes = np.concatenate([np.stack(positives), np.stack(negatives[:num_negative])]).astype(np.float32)
     owners = np.array(positive_objects + [-1] * num_negative, dtype=np.int64)
-    targets = np.array(positive_ious + [0.0] * num_negative, dtype=np.float32)
-    return boxes, owners, targets
+    return boxes, owners
 
 
 def _object_table(split, names: dict[str, list[str]]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -705,9 +699,9 @@ def train_region_encoder(
         boxes, objectness, attributes = [], [], []
         for i in chosen:
             object_boxes, labels = table[i]
-            sampled, owners, targets = sample_training_boxes(object_boxes * scale[i], config.image_size, rng)
+            sampled, owners = sample_training_boxes(object_boxes * scale[i], config.image_size, rng)
             boxes.append(sampled)
-            objectness.append(targets)
+            objectness.append((owners >= 0).astype(np.int64))
             attributes.append(np.where(owners[:, None] >= 0, labels[owners.clip(min=0)], IGNORE_INDEX))
         output = model(
             pixels[torch.from_numpy(chosen)],

@@ -14,7 +14,7 @@ from PIL import Image
 from hf_mvam.data.sources import load_image_caption_dataset
 from hf_mvam.data.synthetic import generate_synthetic_benchmark
 from hf_mvam.extract_features import main as extract_main
-from hf_mvam.extract_features import processed_region
+from hf_mvam.extract_features import minimal_pair_meta, processed_region
 from hf_mvam.region_encoder import (
     RegionEncoderConfig,
     RegionEncoderModel,
@@ -264,6 +264,12 @@ def test_command_on_the_synthetic_benchmark_round_trips_through_the_loader(tmp_p
         assert loaded[name]["captions"] == synthetic[name]["captions"]  # 5 each, in order
         # 64 x 64 images: the geometry is the boxes over 64.
         np.testing.assert_allclose(files["ims"][..., -5:-1], files["boxes"] / 64, rtol=1e-5, atol=1e-6)
+        # The boxes, image ids and minimal pairs come back as columns.
+        np.testing.assert_array_equal(np.stack(rows["boxes"]), files["boxes"])
+        assert loaded[name]["image_id"] == files["images"]
+        assert loaded[name]["variant_of"] == synthetic[name]["variant_of"]
+        assert loaded[name]["changed"] == synthetic[name]["changed"]
+        assert any(v >= 0 for v in loaded[name]["variant_of"])
     assert (out / "region_encoder" / "config.json").is_file()
     assert record["encoder"]["pretraining"]["validation"]["objects"] > 0
     assert json.loads((out / "extraction.json").read_text())["splits"]["test"]["captions_per_image"] == 5
@@ -275,6 +281,20 @@ def test_command_on_the_synthetic_benchmark_round_trips_through_the_loader(tmp_p
                   "24", "--num_validation_images", "8", "--num_test_images", "8", "--num_regions", "10"])
     assert np.load(out / "test_ims.npy").shape == (8, 10, feature_dim)
     assert not list(out.glob(".tmp-*"))
+
+
+def test_minimal_pairs_are_renumbered_to_the_images_kept():
+    """An image skipped for too few captions leaves its partner without a pair, and moves every
+    later row up by one: variant_of must follow."""
+    split = datasets.Dataset.from_dict({  # 1 varies 3, 2 varies 0; 0 is skipped
+        "captions": [["one"], ["b 1", "b 2"], ["c 1", "c 2"], ["d 1", "d 2"]],
+        "variant_of": [-1, 3, 0, -1],
+        "changed": ["", "colour", "shape", ""],
+    })
+    assert minimal_pair_meta(split, np.array([1, 2, 3])) == [
+        {"variant_of": 2, "changed": "colour"}, {"variant_of": -1, "changed": ""}, {"variant_of": -1, "changed": ""},
+    ]
+    assert minimal_pair_meta(split.remove_columns("changed"), np.array([1, 2, 3])) is None
 
 
 @pytest.fixture
@@ -307,6 +327,15 @@ def test_command_keeps_the_same_number_of_captions_per_image(tmp_path, uneven_im
     record = json.loads((out / "extraction.json").read_text())
     assert record["splits"]["train"]["captions_per_image"] == 2 and record["splits"]["train"]["dropped_captions"] == 1
     assert not (out / "dev_ims.npy").exists()
+    assert "variant_of" not in load_image_caption_dataset(out)[0]["train"].column_names  # no minimal pairs
+    # An earlier extraction's minimal pairs would describe other images: overwriting removes them.
+    for stale in ("train_meta.jsonl", "dev_meta.jsonl"):
+        (out / stale).write_text('{"variant_of": 1, "changed": "colour"}\n{"variant_of": -1, "changed": ""}\n')
+    with pytest.raises(SystemExit, match="already holds .*train_meta.jsonl"):
+        extract_main(["--data", str(uneven_imagefolder), "--region_encoder", str(encoder), "--output_dir", str(out)])
+    extract_main(["--data", str(uneven_imagefolder), "--region_encoder", str(encoder), "--output_dir", str(out),
+                  "--overwrite_output_dir"])
+    assert not (out / "train_meta.jsonl").exists() and not (out / "dev_meta.jsonl").exists()
 
     out = tmp_path / "three"
     extract_main(["--data", str(uneven_imagefolder), "--region_encoder", str(encoder), "--output_dir", str(out),

@@ -369,6 +369,62 @@ def test_scan_errors(tmp_path):
         load_image_caption_dataset(str(root))
 
 
+def test_scan_boxes_image_ids_and_minimal_pairs_become_columns(tmp_path):
+    """What extract_features writes beside SCAN's two files comes back as columns; a skipped image
+    (NaN features) moves later rows up, and variant_of follows them."""
+    root = tmp_path / "scan"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((4, 3, 5)).astype(np.float32)
+    features[1, 0, 0] = np.nan  # image 1 is skipped
+    boxes = rng.uniform(0, 64, (4, 3, 4)).astype(np.float32)
+    np.save(root / "test_ims.npy", features)
+    np.save(root / "test_boxes.npy", boxes)
+    (root / "test_caps.txt").write_text("".join(f"caption {i}\n" for i in range(4)))
+    (root / "test_images.txt").write_text("a.png\nb.png\nc.png\nd.png\n")
+    meta = [{"variant_of": -1, "changed": ""}, {"variant_of": 3, "changed": "size"},
+            {"variant_of": 3, "changed": "colour"}, {"variant_of": -1, "changed": ""}]
+    (root / "test_meta.jsonl").write_text("".join(json.dumps(row) + "\n" for row in meta))
+
+    test = load_image_caption_dataset(str(root))[0]["test"]
+
+    assert test.column_names == ["image_features", "captions", "boxes", "image_id", "variant_of", "changed"]
+    assert test.features["boxes"] == datasets.Array2D((3, 4), "float32")
+    np.testing.assert_array_equal(np.stack(test.with_format("numpy")["boxes"]), boxes[[0, 2, 3]])
+    assert test["image_id"] == ["a.png", "c.png", "d.png"]
+    assert test["variant_of"] == [-1, 2, -1]  # c.png varies d.png, now row 2
+    assert test["changed"] == ["", "colour", ""]
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("test_boxes.npy", np.zeros((2, 3, 5), dtype=np.float32), "must hold N x R x 4 boxes"),
+        ("test_boxes.npy", np.zeros((3, 3, 4), dtype=np.float32), "must hold N x R x 4 boxes"),
+        ("test_images.txt", "a.png\n", "has 1 lines for the 2 images"),
+        ("test_meta.jsonl", '{"variant_of": -1}\n', "has 1 lines for the 2 images"),
+        ("test_meta.jsonl", '{"variant_of": -1}\n{"changed": "x"}\n', "keys ['changed'] differ"),
+        ("test_meta.jsonl", '{"variant_of": 1}\n{"variant_of": 1}\n', "line 2: variant_of must be -1 or the row"),
+        ("test_meta.jsonl", '{"variant_of": 2}\n{"variant_of": -1}\n', "line 1: variant_of must be"),
+        ("test_meta.jsonl", '{"a": [1]}\n{"a": [2]}\n', "metadata values must be numbers"),
+        ("test_meta.jsonl", '{"a": 1}\n{"a": "x"}\n', "'a' is a str, line 1's a int"),
+        ("test_meta.jsonl", '{"boxes": 1}\n{"boxes": 2}\n', "names a column of the layout"),
+        ("test_meta.jsonl", '{"a": 1}\nnot json\n', "line 2 is not JSON"),
+    ],
+)
+def test_scan_side_files_are_checked(tmp_path, name, content, message):
+    root = tmp_path / "scan"
+    root.mkdir()
+    np.save(root / "test_ims.npy", np.zeros((2, 3, 4), dtype=np.float32))
+    (root / "test_caps.txt").write_text("a\nb\n")
+    if isinstance(content, np.ndarray):
+        np.save(root / name, content)
+    else:
+        (root / name).write_text(content)
+    with pytest.raises(ValueError, match=message.replace("[", "\\[").replace("]", "\\]")):
+        load_image_caption_dataset(str(root))
+
+
 # --- 5. Hub ids and other folders ------------------------------------------------------------
 
 

@@ -26,6 +26,8 @@ written under SCAN's name (train, dev, test):
 ``{split}_caps.txt``    ``N x K`` captions, one a line, the K of an image consecutive
 ``{split}_boxes.npy``   ``N x R x 4`` float32 boxes ``(x0, y0, x1, y1)``, pixels of the original image
 ``{split}_images.txt``  one line per image: its file path, or ``split[row]`` for embedded images
+``{split}_meta.jsonl``  data with minimal pairs (the synthetic benchmark): one JSON object per image,
+                        ``{"variant_of": row of the image it varies or -1, "changed": attribute}``
 ``extraction.json``     how the features were made, and what was skipped
 
 SCAN's layout needs the same number K of captions for every image. K is ``--captions_per_image``,
@@ -68,7 +70,9 @@ logger = logging.getLogger("hf_mvam.extract_features")
 
 #: Our split names and SCAN's file prefixes (``_load_scan`` maps dev back to validation).
 SCAN_PREFIXES = {"train": "train", "validation": "dev", "test": "test"}
-LAYOUT_SUFFIXES = ("_ims.npy", "_caps.txt", "_boxes.npy", "_images.txt")
+LAYOUT_SUFFIXES = ("_ims.npy", "_caps.txt", "_boxes.npy", "_images.txt", "_meta.jsonl")
+#: Columns of the source split written to ``{split}_meta.jsonl`` (the minimal pairs evaluation scores).
+MINIMAL_PAIR_COLUMNS = ("variant_of", "changed")
 ALL_SCAN_PREFIXES = ("train", "dev", "test", "testall")
 EXTRACTION_NAME = "extraction.json"
 REGION_ENCODER_DIR = "region_encoder"
@@ -157,10 +161,12 @@ def existing_outputs(folder: Path, training_encoder: bool) -> list[str]:
 
 
 class SplitWriter:
-    """Writes one split's four files under temporary names, then renames them into place together,
-    so that an interrupted run leaves no half-written file under a final name."""
+    """Writes one split's files under temporary names, then renames them into place together,
+    so that an interrupted run leaves no half-written file under a final name. ``meta`` (one dict
+    per image, or ``None``) becomes ``_meta.jsonl``; without it an earlier run's is removed."""
 
-    def __init__(self, folder: Path, prefix: str, num_images: int, num_regions: int, feature_dim: int):
+    def __init__(self, folder: Path, prefix: str, num_images: int, num_regions: int, feature_dim: int,
+                 meta: Optional[list[dict]] = None):
         self.final = {suffix: folder / f"{prefix}{suffix}" for suffix in LAYOUT_SUFFIXES}
         self.temporary = {suffix: folder / f".tmp-{prefix}{suffix}" for suffix in LAYOUT_SUFFIXES}
         self.features = np.lib.format.open_memmap(
@@ -171,6 +177,8 @@ class SplitWriter:
         )
         self.captions = open(self.temporary["_caps.txt"], "w", encoding="utf-8")
         self.images = open(self.temporary["_images.txt"], "w", encoding="utf-8")
+        if meta is not None:
+            self.temporary["_meta.jsonl"].write_text("".join(json.dumps(row) + "\n" for row in meta), encoding="utf-8")
         self.written = 0
 
     def add(self, features: np.ndarray, boxes: np.ndarray, captions: list[list[str]], image_ids: list[str]) -> None:
@@ -187,7 +195,10 @@ class SplitWriter:
             raise RuntimeError(f"wrote {self.written} of {self.features.shape[0]} images")
         self.close()
         for suffix, path in self.temporary.items():
-            os.replace(path, self.final[suffix])
+            if path.exists():
+                os.replace(path, self.final[suffix])
+            else:  # no _meta.jsonl this time: an earlier one would describe other images
+                self.final[suffix].unlink(missing_ok=True)
 
     def close(self) -> None:
         for array in (self.features, self.boxes):
@@ -219,6 +230,21 @@ def choose_captions(split, name: str, captions_per_image: Optional[int]):
             f"({int((counts[kept] - k).sum())} captions dropped, {len(counts) - len(kept)} images with fewer skipped)"
         )
     return kept, k, int((counts[kept] - k).sum())
+
+
+def minimal_pair_meta(split, kept: np.ndarray) -> Optional[list[dict]]:
+    """``{"variant_of", "changed"}`` of each kept row, ``variant_of`` renumbered to the kept rows
+    (-1 where the image it varies was skipped); ``None`` when the split has no minimal pairs."""
+    if not set(MINIMAL_PAIR_COLUMNS) <= set(split.column_names):
+        return None
+    new_row = np.full(len(split), -1)
+    new_row[kept] = np.arange(len(kept))
+    columns = split.select_columns(list(MINIMAL_PAIR_COLUMNS)).select(kept).to_dict()
+    rows = []
+    for variant_of, changed in zip(columns["variant_of"], columns["changed"]):
+        base = int(new_row[variant_of]) if variant_of is not None and variant_of >= 0 else -1
+        rows.append({"variant_of": base, "changed": (changed or "") if base >= 0 else ""})
+    return rows
 
 
 # --------------------------------------------------------------------------- encoders
@@ -370,6 +396,7 @@ def extract_split(extractor, split, name: str, captions, output_dir: Path, args:
     kept, k, dropped = captions
     skipped = [[f"{name}[{i}]", f"fewer than {k} captions"] for i in np.setdiff1d(np.arange(len(split)), kept)]
     undecoded = split.cast_column("image", datasets.Image(decode=False)).select(kept)
+    meta = minimal_pair_meta(split, kept)
     writer = None
     try:
         for start in tqdm(range(0, len(undecoded), args.batch_size), desc=f"extracting {name}"):
@@ -381,7 +408,8 @@ def extract_split(extractor, split, name: str, captions, output_dir: Path, args:
             images = [load_image(image, name=image_id) for image, image_id in zip(rows["image"], ids)]
             features, boxes = extractor(images)
             if writer is None:
-                writer = SplitWriter(output_dir, SCAN_PREFIXES[name], len(undecoded), features.shape[1], features.shape[2])
+                writer = SplitWriter(output_dir, SCAN_PREFIXES[name], len(undecoded), features.shape[1], features.shape[2],
+                                     meta=meta)
             writer.add(features, boxes, [c[:k] for c in rows["captions"]], ids)
         writer.commit()
     except BaseException:
@@ -395,6 +423,7 @@ def extract_split(extractor, split, name: str, captions, output_dir: Path, args:
         "dropped_captions": dropped,
         "skipped_images": skipped,
         "shape": list(writer.features.shape),
+        "meta_columns": list(MINIMAL_PAIR_COLUMNS) if meta is not None else [],
     }
 
 

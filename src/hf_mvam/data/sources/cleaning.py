@@ -1,6 +1,6 @@
 """Cleaning a split in the common format: captions stripped and empty ones dropped, unusable images
 (outside the data root, missing, unreadable, non-finite features, left without a caption) skipped
-with their reason."""
+with their reason; a ``variant_of`` column (minimal pairs, row indices) renumbered to the rows left."""
 
 from __future__ import annotations
 
@@ -79,7 +79,21 @@ def drop_bad_examples(
         batched=True,
         desc=f"Skipping bad {split} examples",
     ).remove_columns(["_name", "_problem", "_dropped", "_sha256"])
+    if "variant_of" in kept.column_names and len(kept) < len(dataset):
+        kept = _renumber_variants(kept, np.array([not problem for problem in report["_problem"]]))
     return kept, problems, sum(report["_dropped"]), hashes
+
+
+def _renumber_variants(kept: datasets.Dataset, is_kept: np.ndarray) -> datasets.Dataset:
+    """``variant_of`` holds row indices of the split (minimal pairs): renumber them to the rows
+    left after skipping, and to -1 where the image a variant varies was skipped."""
+    new_index = np.cumsum(is_kept) - 1  # [N]: row of each old row among the kept ones
+    new_index[~is_kept] = -1
+
+    def renumber(variant_of: list[int]) -> dict[str, list[int]]:
+        return {"variant_of": [int(new_index[v]) if v >= 0 else -1 for v in variant_of]}
+
+    return kept.map(renumber, input_columns="variant_of", batched=True, desc="Renumbering minimal pairs")
 
 
 def _check_images(

@@ -27,7 +27,9 @@ from conftest import TINY_TEXT, TINY_VISION, run_fresh_python
 from hf_mvam import hub
 from hf_mvam.data.synthetic import generate_synthetic_benchmark
 from hf_mvam import MVAMConfig, MVAMModel
-from hf_mvam.checkpointing import TrainerState, latest_checkpoint, list_checkpoints, save_checkpoint
+from hf_mvam.checkpointing import (
+    TrainerState, latest_checkpoint, list_checkpoints, save_checkpoint, starting_checkpoint,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,7 +48,8 @@ TINY = ["--vision_config", json.dumps(TINY_VISION), "--text_config", json.dumps(
 TINY_UARDA = ["--vision_config", json.dumps(TINY_VISION), "--text_config", json.dumps(TINY_TEXT), "--embed_dim", "16"]
 SYNTHETIC = ["--num_train_images", "32", "--num_validation_images", "8", "--num_test_images", "16"]
 FAST = ["--per_device_train_batch_size", "8", "--max_steps", "4", "--eval_steps", "2", "--save_steps", "2",
-        "--warmup_steps", "1", "--learning_rate", "1e-3", "--report_to", "none"]
+        "--warmup_steps", "1", "--learning_rate", "1e-3", "--report_to", "none", "--logging_steps", "1",
+        "--dataloader_num_workers", "0"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -284,9 +287,12 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path):
 
 
 def _fake_checkpoint(checkpoints: Path, step: int) -> Path:
+    from safetensors.torch import save_file
+
     folder = checkpoints / f"checkpoint_{step}"
     (folder / "processor").mkdir(parents=True)
     (folder / "trainer_state.json").write_text(TrainerState(global_step=step).to_json())
+    save_file({"weight": torch.zeros(2)}, folder / "model.safetensors")
     return folder
 
 
@@ -300,13 +306,13 @@ def test_checkpoints_this_run_would_not_continue_are_refused_or_overwritten(tmp_
 
     def start(*flags):
         *_, args = run.parse_arguments(["--output_dir", str(tmp_path), *flags])
-        return run.starting_checkpoint(args, accelerator)
+        return starting_checkpoint(accelerator, args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
 
     try:
         assert start("--resume_from_checkpoint", "latest") == later
-        with pytest.raises(SystemExit, match=r"holds checkpoints this run would not continue \(checkpoint_9, checkpoint_12\)"):
+        with pytest.raises(ValueError, match=r"holds checkpoints this run would not continue \(checkpoint_9, checkpoint_12\)"):
             start()
-        with pytest.raises(SystemExit, match=r"would not continue \(checkpoint_12\)"):
+        with pytest.raises(ValueError, match=r"would not continue \(checkpoint_12\)"):
             start("--resume_from_checkpoint", str(first))
         assert first.exists() and later.exists()
         assert start("--resume_from_checkpoint", str(first), "--overwrite_output_dir") == first
@@ -375,14 +381,35 @@ def test_logit_scale_is_capped_at_clips_100():
         (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
         (["--vision_config", "{not json"], "--vision_config is not valid JSON"),
         (["--text_config", '{"hidden_size": 8}'], "--text_config must be a JSON object with a 'model_type'"),
-        (["--vision_model_name_or_path", "some/model"], "--vision_model_name_or_path and --text_model_name_or_path go together"),
+        (["--vision_model_name_or_path", "some/model", "--vision_config", json.dumps(TINY_VISION)],
+         "pass either --vision_model_name_or_path or --vision_config, not both"),
         (["--resume_from_checkpoint", "/no/such/checkpoint"], "neither 'latest' nor an existing folder"),
+        # issue 19: refused before anything is loaded, with one line
+        (["--learning_rate", "nan"], "--learning_rate must be a finite number > 0, got nan"),
+        (["--learning_rate", "inf"], "--learning_rate must be a finite number > 0, got inf"),
+        (["--weight_decay", "inf"], "--weight_decay must be a finite number >= 0, got inf"),
+        (["--hub_model_id", "owner/na--me"], "Cannot have -- or .. in repo_id"),
+        (["--hub_model_id", "a/b/c"], "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"),
+        (["--report_to", "tensorboard,nosuchtracker"], "--report_to: unknown tracker 'nosuchtracker'"),
+        (["--report_to", "wandb"], "--report_to wandb: the wandb package is not installed"),
+        (["--vision_config", json.dumps({**TINY_VISION, "hidden_size": 30, "num_attention_heads": 4})],
+         "the backbone config is invalid: vision_config: Class validation error for validator 'validate_architecture': "
+         "ValueError: The hidden size (30) is not a multiple of the number of attention heads (4)"),
+        (["--text_config", json.dumps({**TINY_TEXT, "hidden_size": 30, "num_attention_heads": 4})],
+         "the backbone config is invalid: The hidden size (30) is not a multiple of the number of attention heads (4)"),
+        # issue 21
+        (["--unfrozen_text_layers", "1"], "--unfrozen_text_layers applies to a frozen tower: add --freeze_text_model"),
+        (["--hub_strategy", "every_save"], "--hub_strategy every_save needs --push_to_hub"),
+        (["--streaming", "--data", "someone/data", "--all_pairs"], "--all_pairs visits every pair of the whole split"),
+        (["--lr_scheduler_type", "reduce_lr_on_plateau"], "invalid choice: 'reduce_lr_on_plateau'"),
     ],
 )
 def test_bad_arguments_are_refused_with_their_message(argv, message, capsys):
     with pytest.raises(SystemExit):
         run.parse_arguments(argv)
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.splitlines()[-1].startswith("run.py: error: ") and message in err.splitlines()[-1]
 
 
 def test_arguments_from_json_and_yaml(tmp_path):

@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 METRICS = ["i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum"]
-PAIR_METRICS = ["pair_acc/colour", "pair_acc/shape", "pair_acc/size", "pair_acc/relation", "pair_acc/all"]
+PAIR_METRICS = ["t2i_pair_acc/colour", "t2i_pair_acc/shape", "t2i_pair_acc/size", "t2i_pair_acc/relation", "t2i_pair_acc/all"]
 
 QUALITY = {  # name -> (baseline name or None, run.py flags)
     "K=1 (CLIP-style)": (None, ["--model_type", "mvam", "--num_views", "1", "--diversity_weight", "0"]),
@@ -184,14 +184,14 @@ def main():
         seed = args.seeds[0]
         reuse = {"K=1, diversity 0": runs["K=1 (CLIP-style)"][0], "K=4": runs["MVAM K=4"][0]}
         lines += ["", f"MVAM ablations (seed {seed}, {args.steps} steps)", "",
-                  "| variant | rSum | R@1 i2t | R@1 t2i | pair_acc/all | image view overlap | text view overlap |",
+                  "| variant | rSum | R@1 i2t | R@1 t2i | t2i_pair_acc/all | image view overlap | text view overlap |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for name, flags in ABLATIONS.items():
             run = reuse.get(name) or train(name, flags, seed, args)
             run.update(view_overlap(run["output_dir"], num_examples=8 if args.tiny else 200))
             summary[f"ablation {name}"] = run
             lines.append(f"| {name} | {run['rsum']:.1f} | {run['i2t_R@1']:.1f} | {run['t2i_R@1']:.1f} | "
-                         f"{run.get('pair_acc/all', float('nan')):.1f} | {run['image_overlap']:.3f} | {run['text_overlap']:.3f} |")
+                         f"{run.get('t2i_pair_acc/all', float('nan')):.1f} | {run['image_overlap']:.3f} | {run['text_overlap']:.3f} |")
 
     table = "\n".join(lines)
     print(table)

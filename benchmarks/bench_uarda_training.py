@@ -45,10 +45,10 @@ def main():
 
     lines = [f"Synthetic benchmark, {args.steps} steps, seed {args.seed}{' [tiny]' if args.tiny else ''}: both modes "
              "trained with mean pooling over the words (quality.md has the same seed with LogSumExp pooling, the default)",
-             "", "| model | i2t R@1 | t2i R@1 | rSum | pair_acc/all |", "|---|---:|---:|---:|---:|"]
+             "", "| model | i2t R@1 | t2i R@1 | rSum | t2i_pair_acc/all |", "|---|---:|---:|---:|---:|"]
     for name, run in runs.items():
         lines.append(f"| {name} | {run['i2t_R@1']:.1f} | {run['t2i_R@1']:.1f} | {run['rsum']:.1f} | "
-                     f"{run.get('pair_acc/all', float('nan')):.1f} |")
+                     f"{run.get('t2i_pair_acc/all', float('nan')):.1f} |")
     scan_seconds = sweep["rows"][0]["seconds"]
     lines += ["", f"The SCAN-trained model (mean pooling) scored in uarda mode: its test fragments, scan mode "
               f"against uarda mode at fixed thresholds and at the threshold its RelevanceThreshold learned "

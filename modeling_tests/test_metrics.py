@@ -194,10 +194,16 @@ def test_minimal_pair_accuracy_hand_case():
     result = minimal_pair_accuracy(scores, text_to_image, variant_of, changed)
     # Pair (1, 0): c1 0.8 > 0.2 right, c2 0.5 = 0.5 tie -> wrong, c0 0.9 > 0.1 right -> 2/3.
     # Pair (2, 0): c3 0.1 < 0.4 wrong, c0 0.9 = 0.9 tie -> wrong -> 0/2.
-    assert list(result) == ["pair_acc/colour", "pair_acc/shape", "pair_acc/all"]
-    assert result["pair_acc/colour"] == pytest.approx(200 / 3)
-    assert result["pair_acc/shape"] == 0.0
-    assert result["pair_acc/all"] == pytest.approx(40.0)
+    t2i = {k: v for k, v in result.items() if k.startswith("t2i_")}
+    assert list(t2i) == ["t2i_pair_acc/colour", "t2i_pair_acc/shape", "t2i_pair_acc/all"]
+    assert result["t2i_pair_acc/colour"] == pytest.approx(200 / 3)
+    assert result["t2i_pair_acc/shape"] == 0.0
+    assert result["t2i_pair_acc/all"] == pytest.approx(40.0)
+    # Image→text, twins by caption order (c1 of image 1 and c0 of image 0; c3 of image 2 and c0):
+    # pair (1, 0): image 1 prefers c1 0.8 > 0.1 right, image 0 prefers c0 0.9 > 0.2 right -> 2/2;
+    # pair (2, 0): image 2 prefers c0 0.9 over its c3 0.1 wrong, image 0 c0 0.9 > 0.4 right -> 1/2.
+    i2t = {k: v for k, v in result.items() if k.startswith("i2t_")}
+    assert i2t == {"i2t_pair_acc/colour": 100.0, "i2t_pair_acc/shape": 50.0, "i2t_pair_acc/all": 75.0}
 
 
 def test_minimal_pair_accuracy_matches_loop_reference():
@@ -216,9 +222,22 @@ def test_minimal_pair_accuracy_matches_loop_reference():
             if text_to_image[c] == b:
                 per_attribute[changed[a]].append(bool(scores[b, c] > scores[a, c]))
     for name, outcomes in per_attribute.items():
-        assert result[f"pair_acc/{name}"] == pytest.approx(100 * np.mean(outcomes))
+        assert result[f"t2i_pair_acc/{name}"] == pytest.approx(100 * np.mean(outcomes))
     everything = sum(per_attribute.values(), [])
-    assert result["pair_acc/all"] == pytest.approx(100 * np.mean(everything))
+    assert result["t2i_pair_acc/all"] == pytest.approx(100 * np.mean(everything))
+    # Image→text: the k-th captions of the two images are twins; each image must prefer its own.
+    per_attribute = {name: [] for name in attributes}
+    for a, b in enumerate(variant_of):
+        if b < 0:
+            continue
+        captions_a = [c for c in range(len(text_to_image)) if text_to_image[c] == a]
+        captions_b = [c for c in range(len(text_to_image)) if text_to_image[c] == b]
+        for own_a, own_b in zip(captions_a, captions_b):
+            per_attribute[changed[a]].append(bool(scores[a, own_a] > scores[a, own_b]))
+            per_attribute[changed[a]].append(bool(scores[b, own_b] > scores[b, own_a]))
+    for name, outcomes in per_attribute.items():
+        assert result[f"i2t_pair_acc/{name}"] == pytest.approx(100 * np.mean(outcomes))
+    assert result["i2t_pair_acc/all"] == pytest.approx(100 * np.mean(sum(per_attribute.values(), [])))
 
 
 def test_minimal_pair_accuracy_errors():

@@ -46,10 +46,11 @@ def garbage(path):
 def assert_common_format(splits: datasets.DatasetDict):
     for dataset in splits.values():
         assert dataset.column_names == ["image", "captions"]
-        assert dataset.features["image"] == datasets.Image()
+        # Undecoded: the processor decodes with load_image, as it does every other image.
+        assert dataset.features["image"] == datasets.Image(decode=False)
         assert dataset.features["captions"] == datasets.List(datasets.Value("string"))
         for example in dataset:
-            assert example["image"].convert("RGB").size[0] > 0
+            assert load_image(example["image"]).size[0] > 0
             assert example["captions"] and all(c == c.strip() and c for c in example["captions"])
 
 
@@ -99,7 +100,7 @@ def test_save_to_disk_dict_with_split_column_and_list_captions(tmp_path):
     ]
     assert splits["validation"]["captions"] == [["green"]]
     assert splits["test"]["captions"] == [["blue"]]
-    assert splits["test"][0]["image"].getpixel((0, 0)) == (0, 0, 255)
+    assert load_image(splits["test"][0]["image"]).getpixel((0, 0)) == (0, 0, 255)
     assert stats["source"] == "load_from_disk"
     assert stats["skipped_captions"] == 2 + 2
     reasons = {(split, name): reason for split, name, reason in stats["skipped_images"]}
@@ -150,7 +151,7 @@ def test_imagefolder_jsonl_with_bad_images_and_split_folders(tmp_path):
     assert list(splits) == ["train", "validation"]
     assert_common_format(splits)
     assert splits["train"]["captions"] == [["first caption", "second caption"], ["a grey image"]]
-    assert splits["train"][1]["image"].convert("RGB").mode == "RGB"
+    assert load_image(splits["train"][1]["image"]).mode == "RGB"
     assert splits["validation"]["captions"] == [["black"]]
     assert stats["source"] == "imagefolder"
     assert stats["skipped_captions"] == 1
@@ -179,7 +180,7 @@ def test_imagefolder_csv_repeated_rows_become_one_image(tmp_path):
     assert_common_format(splits)
     train = splits["train"]
     assert train["captions"] == [["a dog on grass", "a brown dog"], ["a cat"]]
-    assert train[0]["image"].getpixel((0, 0)) == (10, 20, 30)
+    assert load_image(train[0]["image"]).getpixel((0, 0)) == (10, 20, 30)
     assert stats["skipped_captions"] == 2
     assert stats["skipped_images"] == []
 
@@ -436,7 +437,7 @@ def test_hub_dataset_with_chosen_columns_and_relative_paths(tmp_path, monkeypatc
     )
     assert_common_format(splits)
     assert splits["train"]["captions"] == [["one row"]]
-    assert splits["train"][0]["image"].getpixel((0, 0)) == (1, 2, 3)
+    assert load_image(splits["train"][0]["image"]).getpixel((0, 0)) == (1, 2, 3)
     assert stats["skipped_images"][0][:2] == ("train", str(tmp_path / "pics" / "two.png"))
 
     # Default caption column: the first of caption, captions, sentences, raw, text.
@@ -477,7 +478,7 @@ def test_folder_of_parquet_files(tmp_path):
     assert stats["source"] == "data_files"
     assert list(splits) == ["test"]
     assert splits["test"]["captions"] == [["grey"]]
-    assert splits["test"][0]["image"].getpixel((0, 0)) == (7, 7, 7)
+    assert load_image(splits["test"][0]["image"]).getpixel((0, 0)) == (7, 7, 7)
 
 
 @pytest.mark.parametrize("data", ["./no/such/folder", "/no/such/folder", "captions.json", "a/b/c"])

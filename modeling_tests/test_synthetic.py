@@ -284,7 +284,7 @@ def test_cache_round_trip(tmp_path, monkeypatch):
     def no_generation(*args, **kwargs):
         raise AssertionError("regenerated instead of loading the cache")
 
-    monkeypatch.setattr(synthetic, "_split_rows", no_generation)
+    monkeypatch.setattr(synthetic.dataset, "_split_rows", no_generation)
     second = generate_synthetic_benchmark(**sizes, seed=1, cache_dir=tmp_path)
     for split in first:
         assert first[split]["captions"] == second[split]["captions"]

@@ -185,7 +185,7 @@ def test_mvam_synthetic_folder_checkpoints_and_push(pushed):
     for name in ("model.safetensors", "modeling_mvam.py", "processor_config.json", "tokenizer.json", "README.md", "figures/view_attention.png"):
         assert (folder / name).is_file(), name
     assert json.loads((folder / "eval_results.json").read_text()) == pytest.approx(results)
-    assert {"rsum", "i2t_R@1", "t2i_R@10", "pair_acc/all"} <= set(results)
+    assert {"rsum", "i2t_R@1", "t2i_R@10", "t2i_pair_acc/all", "i2t_pair_acc/all"} <= set(results)
     readme = (folder / "README.md").read_text()
     assert "figures/view_attention.png" in readme and "| num_views | 4 |" in readme
     recorded = json.loads((folder / "training_args.json").read_text())

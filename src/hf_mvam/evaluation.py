@@ -129,7 +129,8 @@ def evaluate_split(model, processor, split, batch_size: int = 256, progress: boo
 
     Returns:
         ``i2t_R@1`` ... ``t2i_R@10``, ``rsum`` (percent; ``coco1k_*`` too for 5,000 images) and, for
-        splits with minimal pairs, ``pair_acc/<attribute>`` and ``pair_acc/all``.
+        splits with minimal pairs, ``t2i_pair_acc/<attribute>`` and ``i2t_pair_acc/<attribute>``
+        (``.../all`` over every pair).
     """
     encoded = encode_split(model, processor, split, batch_size=batch_size, progress=progress)
     scores = score_split(model, encoded, progress=progress)

@@ -115,7 +115,7 @@ def build_model_card(
         model_name: title of the card and ``model-index`` name.
         eval_results: metric name -> value in percent. The keys ``i2t_R@1``, ``i2t_R@5``,
             ``i2t_R@10``, ``t2i_R@1``, ``t2i_R@5``, ``t2i_R@10`` and ``rsum`` fill the Recall@K
-            table and the YAML ``model-index``; any other key (e.g. ``pair_acc/colour``) is listed
+            table and the YAML ``model-index``; any other key (e.g. ``t2i_pair_acc/colour``) is listed
             in a second table of the card only.
         dataset_name: readable name of the training/evaluation data set.
         dataset_id: Hub id of that data set, if it has one (added to ``datasets`` and used as the

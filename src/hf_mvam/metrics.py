@@ -109,12 +109,18 @@ def retrieval_metrics(
 
 
 def minimal_pair_accuracy(scores, text_to_image, variant_of, changed) -> dict[str, float]:
-    """Text→image accuracy on minimal pairs of images, in percent, per changed attribute.
+    """Accuracy on minimal pairs of images, in percent, per changed attribute, in both directions.
 
     Image ``a`` is a minimal-pair variant of image ``b = variant_of[a]`` differing only in the
-    attribute ``changed[a]``. For every such pair, each caption ``c`` of ``a`` is correct when
-    ``scores[a, c] > scores[b, c]`` and each caption of ``b`` when ``scores[b, c] > scores[a, c]``
-    (a tie counts as wrong).
+    attribute ``changed[a]``; caption ``k`` of ``a`` and caption ``k`` of ``b`` are twins that
+    describe the two scenes alike but for that difference (as the synthetic benchmark phrases
+    them). A tie counts as wrong.
+
+    - Text→image (``t2i_pair_acc/*``): each caption ``c`` of ``a`` is correct when
+      ``scores[a, c] > scores[b, c]``, and each caption of ``b`` when ``scores[b, c] > scores[a, c]``.
+    - Image→text (``i2t_pair_acc/*``), as SugarCrepe and ARO test it: image ``a`` is correct on
+      twin ``k`` when its own caption outscores the twin, ``scores[a, a_k] > scores[a, b_k]``,
+      and image ``b`` likewise with the roles swapped (twins up to the smaller caption count).
 
     Args:
         scores: ``[num_images, num_texts]`` similarity scores.
@@ -124,7 +130,8 @@ def minimal_pair_accuracy(scores, text_to_image, variant_of, changed) -> dict[st
             entries of images that are not variants are ignored.
 
     Returns:
-        ``{"pair_acc/colour": ..., ..., "pair_acc/all": ...}`` with one key per attribute present.
+        ``{"t2i_pair_acc/colour": ..., ..., "t2i_pair_acc/all": ..., "i2t_pair_acc/colour": ...,
+        ..., "i2t_pair_acc/all": ...}`` with one key per attribute present.
 
     Raises:
         ValueError: on invalid inputs or when no image is a variant of another.
@@ -152,26 +159,35 @@ def minimal_pair_accuracy(scores, text_to_image, variant_of, changed) -> dict[st
         raise ValueError("no minimal pairs: every entry of variant_of is -1")
     pair_b = variant_of[pair_a]  # [num_pairs]
 
-    # Captions of a, judged against b, then captions of b, judged against a.
+    # Text→image: captions of a, judged against b, then captions of b, judged against a.
     owner_pair_a, captions_a = _captions_of(pair_a, text_to_image)  # [n_a], [n_a]
     owner_pair_b, captions_b = _captions_of(pair_b, text_to_image)  # [n_b], [n_b]
-    item_pair = torch.cat([owner_pair_a, owner_pair_b])  # [n_items]
-    item_caption = torch.cat([captions_a, captions_b])  # [n_items]
-    item_own = torch.cat([pair_a[owner_pair_a], pair_b[owner_pair_b]])  # [n_items]
-    item_other = torch.cat([pair_b[owner_pair_a], pair_a[owner_pair_b]])  # [n_items]
-    correct = scores[item_own, item_caption] > scores[item_other, item_caption]  # [n_items]
+    t2i_pair = torch.cat([owner_pair_a, owner_pair_b])  # [n_items]
+    t2i_caption = torch.cat([captions_a, captions_b])  # [n_items]
+    t2i_own = torch.cat([pair_a[owner_pair_a], pair_b[owner_pair_b]])  # [n_items]
+    t2i_other = torch.cat([pair_b[owner_pair_a], pair_a[owner_pair_b]])  # [n_items]
+    t2i_correct = scores[t2i_own, t2i_caption] > scores[t2i_other, t2i_caption]  # [n_items]
+
+    # Image→text: twin k of each pair, judged by image a, then by image b.
+    twin_pair, twin_a, twin_b = _twin_captions(pair_a, pair_b, text_to_image)  # [m] each
+    i2t_pair = torch.cat([twin_pair, twin_pair])  # [2m]
+    i2t_image = torch.cat([pair_a[twin_pair], pair_b[twin_pair]])  # [2m]
+    i2t_own = torch.cat([twin_a, twin_b])  # [2m]
+    i2t_twin = torch.cat([twin_b, twin_a])  # [2m]
+    i2t_correct = scores[i2t_image, i2t_own] > scores[i2t_image, i2t_twin]  # [2m]
 
     pair_attribute = [str(changed[a]) for a in pair_a.tolist()]
     present = set(pair_attribute)
     ordered = [name for name in PAIR_ATTRIBUTES if name in present]
     ordered += sorted(present - set(PAIR_ATTRIBUTES))
     results = {}
-    for name in ordered:
-        in_group = torch.tensor(
-            [attribute == name for attribute in pair_attribute], device=scores.device
-        )  # [num_pairs]
-        results[f"pair_acc/{name}"] = correct[in_group[item_pair]].double().mean().item() * 100.0
-    results["pair_acc/all"] = correct.double().mean().item() * 100.0
+    for direction, correct, item_pair in (("t2i", t2i_correct, t2i_pair), ("i2t", i2t_correct, i2t_pair)):
+        for name in ordered:
+            in_group = torch.tensor(
+                [attribute == name for attribute in pair_attribute], device=scores.device
+            )  # [num_pairs]
+            results[f"{direction}_pair_acc/{name}"] = correct[in_group[item_pair]].double().mean().item() * 100.0
+        results[f"{direction}_pair_acc/all"] = correct.double().mean().item() * 100.0
     return results
 
 
@@ -185,9 +201,10 @@ def summary_table(results: dict[str, float], wall_time_s: float | None = None) -
     lines.append(f"{'rSum':>{width}}  {results['rsum']:.2f}")
     if "coco1k_rsum" in results:
         lines.append(f"{'rSum 1K':>{width}}  {results['coco1k_rsum']:.2f} (COCO 5-fold 1K)")
-    pairs = {key.split("/", 1)[1]: value for key, value in results.items() if key.startswith("pair_acc/")}
-    if pairs:
-        lines.append("minimal-pair accuracy (text→image): " + ", ".join(f"{k} {v:.1f}%" for k, v in pairs.items()))
+    for direction, name in (("t2i", "text→image"), ("i2t", "image→text")):
+        pairs = {key.split("/", 1)[1]: value for key, value in results.items() if key.startswith(f"{direction}_pair_acc/")}
+        if pairs:
+            lines.append(f"minimal-pair accuracy ({name}): " + ", ".join(f"{k} {v:.1f}%" for k, v in pairs.items()))
     if wall_time_s is not None:
         minutes, seconds = divmod(int(round(wall_time_s)), 60)
         lines.append(f"wall time: {minutes} min {seconds:02d} s")
@@ -326,3 +343,24 @@ def _captions_of(
     )  # [m]
     captions = order[starts[images[owner]] + offset_in_image]  # [m]
     return owner, captions
+
+
+def _twin_captions(
+    pair_a: torch.Tensor, pair_b: torch.Tensor, text_to_image: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Caption ``k`` of image ``pair_a[p]`` beside caption ``k`` of image ``pair_b[p]``, for every
+    pair ``p`` and ``k`` below the smaller of the two images' caption counts (captions numbered in
+    their order in ``text_to_image``).
+
+    Returns:
+        ``pair`` ``[m]`` (the pair of each twin), ``caption_a`` ``[m]`` and ``caption_b`` ``[m]``.
+    """
+    device = text_to_image.device
+    order = torch.argsort(text_to_image, stable=True)  # [num_texts] captions grouped by image
+    counts = torch.bincount(text_to_image, minlength=int(max(pair_a.max(), pair_b.max())) + 1)
+    starts = torch.cumsum(counts, 0) - counts  # first slot of each image in order
+    per_pair = torch.minimum(counts[pair_a], counts[pair_b])  # [num_pairs] twins of each pair
+    pair = torch.repeat_interleave(torch.arange(pair_a.shape[0], device=device), per_pair)  # [m]
+    # k of each twin within its pair: 0, 1, ..., per_pair - 1
+    k = torch.arange(pair.shape[0], device=device) - torch.repeat_interleave(torch.cumsum(per_pair, 0) - per_pair, per_pair)
+    return pair, order[starts[pair_a[pair]] + k], order[starts[pair_b[pair]] + k]

@@ -7,7 +7,7 @@ siblings of its folder.
 
 from __future__ import annotations
 
-from transformers import BatchFeature, ProcessorMixin
+from transformers import ProcessorMixin
 from transformers.utils import logging
 
 from .image_loading import load_image
@@ -21,16 +21,27 @@ def _drop_model_type_mismatch_warning(record) -> bool:
 
 class ImageTextProcessor(ProcessorMixin):
     """Image processor + tokenizer, called like CLIP's processor:
-    ``processor(text=[...], images=[...], return_tensors="pt", padding=True)``.
+    ``processor(images=[...], text=[...], return_tensors="pt", padding=True)``.
 
-    Images may be PIL images in any mode (converted to RGB), numpy arrays (H x W or H x W x C),
-    file paths, or encoded bytes; an unreadable one raises a ValueError naming it. Text is a string
-    or a list of non-empty strings.
+    Images may be anything :func:`load_image` takes (PIL images in any mode, numpy arrays, file
+    paths, URLs, base64 strings, encoded bytes, ``datasets.Image(decode=False)`` dicts); each is
+    decoded by it, and an unreadable one raises a ValueError naming it. Text is a string or a list
+    of non-empty strings.
+
+    Keyword arguments are routed as ``ProcessorMixin.__call__`` routes them: image-processor ones
+    (``do_center_crop``, ``size``, ...) to the image processor, tokenizer ones (``padding``,
+    ``max_length``, ...) to the tokenizer, or per modality as ``images_kwargs={...}`` /
+    ``text_kwargs={...}``; an unknown one is ignored with a warning. Unlike CLIP's processor,
+    captions are padded and truncated, and tensors are PyTorch's, unless told otherwise.
 
     Args:
         image_processor: e.g. ``CLIPImageProcessorPil`` (resize, crop, normalise).
         tokenizer: any fast tokenizer, e.g. one trained with `hf_mvam.tokenization`.
     """
+
+    # Defaults at the lowest priority of ProcessorMixin._merge_kwargs: any call argument wins.
+    text_kwargs = {"padding": True, "truncation": True, "return_tensors": "pt"}
+    images_kwargs = {"return_tensors": "pt"}
 
     def __init__(self, image_processor=None, tokenizer=None, **kwargs):
         super().__init__(image_processor, tokenizer, **kwargs)
@@ -51,22 +62,16 @@ class ImageTextProcessor(ProcessorMixin):
         finally:
             config_logger.removeFilter(_drop_model_type_mismatch_warning)
 
-    def __call__(self, text=None, images=None, return_tensors="pt", padding=True, truncation=True, **kwargs):
+    def __call__(self, images=None, text=None, **kwargs):
         if text is None and images is None:
             raise ValueError("pass text=..., images=... or both")
-        encoding = {}
         if text is not None:
-            encoding.update(
-                self.tokenizer(
-                    self._check_text(text), return_tensors=return_tensors, padding=padding, truncation=truncation, **kwargs
-                )
-            )
+            text = self._check_text(text)
         if images is not None:
-            pil_images = [load_image(image, name=f"images[{i}]") for i, image in enumerate(self._as_list(images))]
-            if not pil_images:
+            images = [load_image(image, name=f"images[{i}]") for i, image in enumerate(self._as_list(images))]
+            if not images:
                 raise ValueError("images is an empty list")
-            encoding.update(self.image_processor(pil_images, return_tensors=return_tensors))
-        return BatchFeature(encoding, tensor_type=return_tensors)
+        return super().__call__(images=images, text=text, **kwargs)
 
     @staticmethod
     def _as_list(items):

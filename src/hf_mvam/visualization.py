@@ -45,7 +45,7 @@ _DPI = 100
 
 
 def plot_view_attention(
-    image: Image.Image | np.ndarray,
+    image: Any,
     image_attention: Any,
     grid_size: tuple[int, int] | None,
     words: Sequence[str],
@@ -60,7 +60,8 @@ def plot_view_attention(
     panel is a K × L table of each view's weights over the caption's words.
 
     Args:
-        image: the input image (PIL image or H × W [× C] array).
+        image: the input image: anything :func:`~hf_mvam.image_loading.load_image` takes (a PIL
+            image, a path, a ``datasets`` image dict, ...) or an H × W [× C] array.
         image_attention: [K, T_img] attention of each view over the image tokens. If
             T_img == h·w + 1 the first token is taken to be a CLS token and dropped.
         grid_size: (h, w) of the patch/grid tokens; ``None`` infers a square grid from T_img
@@ -262,7 +263,7 @@ def plot_training_curves(log_history: Sequence[dict], path: str | os.PathLike, t
 
 
 def plot_word_region_attention(
-    image: Image.Image | np.ndarray,
+    image: Any,
     words: Sequence[str],
     attention: Any,
     grid_size: tuple[int, int] | None,
@@ -278,7 +279,8 @@ def plot_word_region_attention(
     relevance threshold (skipped by UARDA) are shown greyed out with "skipped" in their title.
 
     Args:
-        image: the input image (PIL image or H × W [× C] array).
+        image: the input image: anything :func:`~hf_mvam.image_loading.load_image` takes (a PIL
+            image, a path, a ``datasets`` image dict, ...) or an H × W [× C] array.
         words: the caption's L words.
         attention: [L, R] attention of each word over the R = h·w regions (R = h·w + 1 drops a
             leading CLS token).
@@ -535,9 +537,9 @@ def _word_mask(
     )
 
 
-def _as_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+def _as_rgb(image: Any) -> np.ndarray:
+    if isinstance(image, (Image.Image, str, os.PathLike, bytes, dict)):
+        return np.asarray(load_image(image))  # decoded as the processor decodes it
     array = _as_array(image, "image")
     if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[2] not in (1, 3):
         array = array.transpose(1, 2, 0)  # C × H × W tensor

@@ -10,7 +10,8 @@ every (image, caption) pair of the split, images in order, captions in order wit
   one caption drawn per image (the default; a batch never holds the same image twice, so it has no
   false negatives), or every pair once (``all_pairs``). Deterministic from the seed and the epoch,
   so a resumed run sees exactly the batches it would have seen.
-- :class:`ImageCaptionCollator` — runs the processor on a list of pairs.
+- :class:`ImageCaptionCollator` — runs the processor on a list of pairs (and on their hard
+  negative captions, when asked).
 - :func:`flatten_captions` — every caption of a split and the image each belongs to, for evaluation.
 - :func:`stack_region_features` — precomputed ``[R, F]`` region features of a batch as ``[B, R, F]``.
 """
@@ -79,7 +80,7 @@ class ImageCaptionPairs(Dataset):
     """All (image, caption) pairs of a split, as ``{"image" or "image_features": ..., "caption": str}``.
 
     Args:
-        split: a ``datasets.Dataset`` with ``captions`` and ``image`` (decoded to PIL) or
+        split: a ``datasets.Dataset`` with ``captions`` and ``image`` (anything the processor takes) or
             ``image_features`` (``[R, F]`` arrays) columns.
     """
 
@@ -143,19 +144,28 @@ class CaptionPairSampler(Sampler[int]):
 
 class ImageCaptionCollator:
     """Processes a list of pairs into a model batch: ``input_ids``, ``attention_mask`` and
-    ``pixel_values`` [B, 3, S, S] (or ``image_features`` [B, R, F] for precomputed features).
+    ``pixel_values`` [B, 3, S, S] (or ``image_features`` [B, R, F] for precomputed features), and
+    with ``hard_negatives`` also ``negative_input_ids`` / ``negative_attention_mask`` [B, L']: the
+    hard negative caption of each pair (row b belongs to image b).
 
     Args:
         processor: an [`MVAMProcessor`] or [`UARDAProcessor`].
+        hard_negatives: a :class:`~hf_mvam.data.hard_negatives.HardNegativeGenerator`, or ``None``.
     """
 
-    def __init__(self, processor):
+    def __init__(self, processor, hard_negatives=None):
         self.processor = processor
+        self.hard_negatives = hard_negatives
 
     def __call__(self, pairs: list[dict]) -> dict[str, torch.Tensor]:
         captions = [pair["caption"] for pair in pairs]
         if "image_features" in pairs[0]:
             batch = dict(self.processor(text=captions, return_tensors="pt"))
             batch["image_features"] = stack_region_features([pair["image_features"] for pair in pairs])  # [B, R, F]
-            return batch
-        return dict(self.processor(text=captions, images=[pair["image"] for pair in pairs], return_tensors="pt"))
+        else:
+            batch = dict(self.processor(text=captions, images=[pair["image"] for pair in pairs], return_tensors="pt"))
+        if self.hard_negatives is not None:
+            negatives = self.processor(text=[self.hard_negatives(caption) for caption in captions], return_tensors="pt")
+            batch["negative_input_ids"] = negatives["input_ids"]
+            batch["negative_attention_mask"] = negatives["attention_mask"]
+        return batch

@@ -1,12 +1,14 @@
-"""The splits a training run uses, as ``training/run.py`` loads and records them: the built-in
-synthetic benchmark or the user's data (so that ``check_folder.py`` loads the same test split
-again from a model folder's ``training_args.json``)."""
+"""The splits ``training/run.py`` trains and evaluates on, and the same evaluation split loaded
+again from what a model folder records (``training/check_folder.py``, the benchmarks)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
+
+import datasets
 
 from .sources import load_image_caption_dataset
 from .synthetic import default_cache_dir, generate_synthetic_benchmark
@@ -25,13 +27,17 @@ def load_splits(
     num_train_images: int = 10_000,
     num_validation_images: int = 500,
     num_test_images: int = 1_000,
+    allow_paths_outside_data_root: bool = False,
 ):
     """The splits to train and evaluate on, a readable name of the data, and the loader's statistics.
 
+    Images come undecoded (``datasets.Image(decode=False)``): the processor decodes them.
+
     ``data=None`` gives the built-in synthetic benchmark (seed 0, cached under
     :func:`~hf_mvam.data.synthetic.default_cache_dir`) with the ``num_*_images`` sizes; otherwise
-    :func:`~hf_mvam.data.sources.load_image_caption_dataset` loads ``data`` (its errors propagate)
-    and the statistics list what it skipped (``None`` for the synthetic benchmark).
+    :func:`~hf_mvam.data.sources.load_image_caption_dataset` loads ``data`` (its errors propagate;
+    ``image_root``, the column names and ``allow_paths_outside_data_root`` are its arguments) and
+    the statistics are its statistics (``None`` for the synthetic benchmark).
     """
     if data is None:
         splits = generate_synthetic_benchmark(
@@ -41,9 +47,14 @@ def load_splits(
             seed=SYNTHETIC_BENCHMARK_SEED,
             cache_dir=default_cache_dir(),
         )
-        return splits, "hf-mvam synthetic benchmark", None
+        # Undecoded, as the loaders give user data: every image goes through the one decoder.
+        return splits.cast_column("image", datasets.Image(decode=False)), "hf-mvam synthetic benchmark", None
     splits, stats = load_image_caption_dataset(
-        data, image_root=image_root, image_column=image_column, caption_column=caption_column
+        data,
+        image_root=image_root,
+        image_column=image_column,
+        caption_column=caption_column,
+        allow_paths_outside_data_root=allow_paths_outside_data_root,
     )
     return splits, data, stats
 
@@ -56,6 +67,7 @@ def load_recorded_eval_split(folder: str | os.PathLike):
         ``(split, dataset_name, recorded)``, ``recorded`` being the parsed ``training_args.json``.
     """
     recorded = json.loads((Path(folder) / TRAINING_ARGS_NAME).read_text())
-    data = {k: v for k, v in recorded["data"].items() if k != "all_pairs"}  # a sampling option, not data
-    splits, dataset_name, _ = load_splits(**data)
+    # The data arguments also hold sampling options (all_pairs, ...): only load_splits' own count.
+    parameters = inspect.signature(load_splits).parameters
+    splits, dataset_name, _ = load_splits(**{k: v for k, v in recorded["data"].items() if k in parameters})
     return splits[recorded["eval_split"]], dataset_name, recorded

@@ -1,0 +1,80 @@
+"""NegCLIP-style hard negative captions: one detail changed, deterministic per caption."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from hf_mvam.data.hard_negatives import HardNegativeGenerator
+
+CAPTIONS = [
+    "A small red circle is left of a large blue square.",
+    "There are two shapes: a green star above a yellow triangle",
+    "the image shows a big pink diamond",
+    "something else entirely",
+]
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z]+", text.lower())
+
+
+def test_every_negative_differs_in_one_edit_and_is_deterministic():
+    generator = HardNegativeGenerator(CAPTIONS, seed=3)
+    for caption in CAPTIONS:
+        negative = generator(caption)
+        assert negative != caption
+        assert negative == HardNegativeGenerator(CAPTIONS, seed=3)(caption)  # same caption, same seed
+        before, after = words(caption), words(negative)
+        if sorted(before) == sorted(after):  # a swap or a shuffle: the bag of words is kept
+            continue
+        changed = [(b, a) for b, a in zip(before, after) if b != a]
+        assert len(before) == len(after) and len(changed) == 1, (caption, negative)
+
+
+def test_relation_words_flip_to_their_opposite():
+    generator = HardNegativeGenerator(["the star is left of the circle"], word_classes={})
+    assert generator("the star is left of the circle") == "the star is right of the circle"
+    assert HardNegativeGenerator(["a is above b"], word_classes={})("a is above b") == "a is below b"
+
+
+def test_replacements_come_from_the_training_captions_class_words():
+    colours = {"colour": ["red", "blue", "green"]}  # green never occurs: never used
+    generator = HardNegativeGenerator(["a red circle", "a blue circle"], word_classes=colours)
+    assert generator("a red circle") == "a blue circle"
+    assert HardNegativeGenerator(["Red circles", "blue"], word_classes=colours)("Red circles") == "Blue circles"
+
+
+def test_swap_exchanges_two_words_of_a_class():
+    caption = "a red circle and a blue circle"
+    negatives = {HardNegativeGenerator([caption], seed=s, word_classes={"colour": ["red", "blue"]})(caption) for s in range(20)}
+    assert "a blue circle and a red circle" in negatives  # the binding swap
+    assert negatives <= {"a blue circle and a red circle", "a blue circle and a blue circle", "a red circle and a red circle"}
+
+
+def test_sizes_change_group_never_to_a_synonym():
+    captions = ["a small star", "a little star", "a large star"]
+    for seed in range(10):
+        assert HardNegativeGenerator(captions, seed=seed)("a small star") == "a large star"
+
+
+def test_a_caption_without_class_words_is_shuffled():
+    negative = HardNegativeGenerator(CAPTIONS)("something else entirely")
+    assert negative != "something else entirely"
+    assert sorted(negative.split()) == sorted("something else entirely".split())
+
+
+def test_the_collator_adds_each_pairs_negative(mvam_processor):
+    import numpy as np
+
+    from hf_mvam.data.collate import ImageCaptionCollator
+
+    generator = HardNegativeGenerator(CAPTIONS)
+    pairs = [{"image_features": np.zeros((3, 4), np.float32), "caption": caption} for caption in CAPTIONS[:3]]
+    batch = ImageCaptionCollator(mvam_processor, hard_negatives=generator)(pairs)
+    expected = mvam_processor(text=[generator(caption) for caption in CAPTIONS[:3]])
+    assert torch.equal(batch["negative_input_ids"], expected["input_ids"])
+    assert torch.equal(batch["negative_attention_mask"], expected["attention_mask"])
+    assert batch["input_ids"].shape[0] == batch["negative_input_ids"].shape[0] == 3
+    assert "negative_input_ids" not in ImageCaptionCollator(mvam_processor)(pairs)

@@ -39,6 +39,7 @@ from hf_mvam.checkpointing import (
     CHECKPOINTS_DIR, TrainerState, config_changes, load_checkpoint, save_checkpoint, starting_checkpoint,
 )
 from hf_mvam.data.collate import CaptionPairSampler, ImageCaptionCollator, ImageCaptionPairs
+from hf_mvam.data.sources import data_warnings
 from hf_mvam.data.splits import load_splits
 from hf_mvam.evaluation import evaluate_split
 from hf_mvam.metrics import summary_table
@@ -138,22 +139,12 @@ def load_data(data_args, train_args, accelerator: Accelerator):
 
 
 def report_data(stats: dict | None) -> None:
-    """Log what the loader counted, skipped and warns about."""
-    if stats is None:
-        return
-    logger.info(f"data: {stats['source']}, images {stats['num_images']}, captions {stats['num_captions']}")
-    if stats["skipped_images"]:
-        logger.warning(f"skipped {len(stats['skipped_images'])} unusable image(s):")
-        for split, path, reason in stats["skipped_images"]:
-            logger.warning(f"  [{split}] {path}: {reason}")
-    if stats["skipped_captions"]:
-        logger.warning(f"dropped {stats['skipped_captions']} empty caption(s)")
-    if stats.get("unknown_splits"):
-        logger.warning(f"split(s) {', '.join(stats['unknown_splits'])} are not train, validation or test: not used")
-    for key, what in (("duplicate_images", "image(s) repeat an earlier image of their split"),
-                      ("train_eval_overlap", "train image(s) are also in an evaluation split")):
-        if cases := stats.get(key):
-            logger.warning(f"{len(cases)} {what} (same bytes): " + "; ".join(" = ".join(map(str, c)) for c in cases[:5]))
+    """Log what the loader counted, and a warning line per kind of problem it found (skipped
+    images and captions, unknown split names, duplicate images, train images in an evaluation split)."""
+    if stats is not None:
+        logger.info(f"data: {stats['source']}, images {stats['num_images']}, captions {stats['num_captions']}")
+        for line in data_warnings(stats):
+            logger.warning(line)
 
 
 def build_train_loader(train_split, processor, data_args, train_args) -> DataLoader:

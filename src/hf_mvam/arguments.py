@@ -225,8 +225,6 @@ class DataArguments:
             raise ValueError("--streaming needs --data: a Hub dataset id or a folder of data files")
         if self.streaming and self.all_pairs:
             raise ValueError("--all_pairs visits every pair of the whole split each epoch: it cannot stream; drop one")
-        if self.allow_paths_outside_data_root and "allow_paths_outside_data_root" not in _load_splits_parameters():
-            raise ValueError("--allow_paths_outside_data_root: this version of hf_mvam.data does not confine paths yet")
 
     def source(self) -> dict:
         """The arguments of ``hf_mvam.data.splits.load_splits`` (which data to load)."""

@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from hf_mvam import MODEL_CLASSES, hub
+from hf_mvam import hub
 from hf_mvam.arguments import check_run_setting, one_line, parse_arguments, recorded_arguments, tracker_config
 from hf_mvam.checkpointing import (
     CHECKPOINTS_DIR, TrainerState, config_changes, load_checkpoint, save_checkpoint, starting_checkpoint,
@@ -43,11 +42,10 @@ from hf_mvam.data.sources import data_warnings
 from hf_mvam.data.splits import load_splits
 from hf_mvam.evaluation import evaluate_split
 from hf_mvam.metrics import summary_table
-from hf_mvam.model_folder import card_inputs, log_figures, save_model_folder
+from hf_mvam.model_folder import card_inputs, log_figures, push_snapshot, save_model_folder, whole_model
 from hf_mvam.output_folder import OutputFolder, OutputFolderError
 from hf_mvam.starting_model import build_model, build_processor, prepare_towers
 from hf_mvam.streaming import StreamedPairs, load_streaming_splits
-from hf_mvam.visualization import save_figures
 
 logger = get_logger("hf_mvam.run")
 
@@ -150,10 +148,7 @@ def report_data(stats: dict | None) -> None:
 def build_train_loader(train_split, processor, data_args, train_args) -> DataLoader:
     """Batches of (image, caption) pairs: one caption drawn per image per epoch, or all pairs.
     Images are decoded and processed by ``--dataloader_num_workers`` worker processes."""
-    workers = train_args.dataloader_num_workers
-    if workers is None:  # the cores of this machine per training process, one left for it
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        workers = max(0, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
+    workers = train_args.num_workers()
     common = dict(batch_size=train_args.per_device_train_batch_size, collate_fn=ImageCaptionCollator(processor),
                   drop_last=True,  # equal batches on every process, as the gathered contrastive loss needs
                   num_workers=workers, persistent_workers=workers > 0)
@@ -299,8 +294,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         validation = splits["validation" if "validation" in splits else eval_split]
 
         def validate(state: TrainerState) -> None:
-            if accelerator.is_main_process:
-                results = evaluate_split(unwrapped, processor, validation, train_args.per_device_eval_batch_size)
+            if (evaluated := whole_model(accelerator, model)) is not None:
+                results = evaluate_split(evaluated, processor, validation, train_args.per_device_eval_batch_size)
                 accelerator.log({f"eval/{k}": v for k, v in results.items()}, step=state.global_step)
                 state.log_history.append({"step": state.global_step, **{f"eval/{k}": v for k, v in results.items()}})
                 logger.info(f"step {state.global_step}: validation rSum {results['rsum']:.2f}")
@@ -309,12 +304,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         def save(state: TrainerState) -> None:
             save_checkpoint(accelerator, output_dir / CHECKPOINTS_DIR, state, train_args.save_total_limit, processor,
                             unwrapped.config)
-            if train_args.hub_strategy == "every_save" and accelerator.is_main_process:
-                with tempfile.TemporaryDirectory(dir=output_dir / CHECKPOINTS_DIR) as folder:
-                    save_model_folder(Path(folder), unwrapped, processor, {}, None, card, recorded, state)
-                    hub.push_folder_to_hub(folder, train_args.hub_model_id, token=train_args.hub_token,
-                                           private=train_args.hub_private_repo,
-                                           commit_message=f"Training in progress, step {state.global_step}")
+            if train_args.hub_strategy == "every_save" and (saved := whole_model(accelerator, model)) is not None:
+                push_snapshot(output_dir / CHECKPOINTS_DIR, saved, processor, card, recorded, state, train_args)
 
         if train_args.do_train:
             loader = build_train_loader(splits["train"], processor, data_args, train_args)
@@ -325,29 +316,28 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             if checkpoint is not None:
                 state = load_checkpoint(accelerator, checkpoint)
                 logger.info(f"resumed from {checkpoint} at step {state.global_step} (epoch {state.epoch})")
-            trainable = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
-            logger.info(
-                f"{model_args.model_type}: {sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f} M parameters "
-                f"({trainable / 1e6:.2f} M trained), {total_steps} steps of {accelerator.num_processes} process(es) x "
-                f"batch {train_args.per_device_train_batch_size} on {data_args.name()}"
-            )
+            parameters = list(unwrapped.parameters())
+            logger.info(f"{model_args.model_type}: {sum(p.numel() for p in parameters) / 1e6:.2f} M parameters "
+                        f"({sum(p.numel() for p in parameters if p.requires_grad) / 1e6:.2f} M trained), {total_steps} "
+                        f"steps of {accelerator.num_processes} process(es) x batch {train_args.per_device_train_batch_size} "
+                        f"on {data_args.name()}")
             train(accelerator, model, optimizer, scheduler, loader, state, total_steps, train_args, validate, save)
         else:
             unwrapped.to(accelerator.device)
 
-        results = {}
+        results, final = {}, whole_model(accelerator, model)
         if accelerator.is_main_process:
             # 5. Evaluate on the test split (or the validation split when there is none).
             test = splits[eval_split]
             if train_args.do_eval:
-                results = evaluate_split(unwrapped, processor, test, train_args.per_device_eval_batch_size, progress=True)
+                results = evaluate_split(final, processor, test, train_args.per_device_eval_batch_size, progress=True)
                 accelerator.log({f"test/{k}": v for k, v in results.items()}, step=state.global_step)
 
             # 6. Save the model folder (model, processor, figures, results, card, arguments) in place of
             #    the old one at once; evaluating a trained model alone writes only its results.
             if train_args.do_train:
                 def write(folder: Path) -> None:
-                    figures = save_model_folder(folder, unwrapped, processor, results, test, card, recorded, state)
+                    figures = save_model_folder(folder, final, processor, results, test, card, recorded, state)
                     log_figures(accelerator, folder, figures, state.global_step)
 
                 for path in output.replace_model_folder(write, recorded["local_paths"]):

@@ -340,6 +340,14 @@ class TrainingArguments:
             )
         self.report_to = trackers(self.report_to)
 
+    def num_workers(self) -> int:
+        """--dataloader_num_workers, by default this machine's cores per training process, one left
+        to the process itself (at most 8)."""
+        if self.dataloader_num_workers is not None:
+            return self.dataloader_num_workers
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return max(0, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
+
 
 def trackers(report_to) -> list[str]:
     """``--report_to`` as a list of installed accelerate tracker names (``[]`` for none)."""
@@ -363,15 +371,19 @@ def check_run_setting(model_args: ModelArguments, data_args: DataArguments, trai
                       num_processes: int) -> None:
     """Checks that need the number of processes: a contrastive or triplet loss needs negatives in
     the batch they come from (MVAM gathers every process's batch, UARDA uses its own)."""
-    batch = train_args.per_device_train_batch_size * (num_processes if model_args.model_type == "mvam" else 1)
-    if train_args.do_train and batch < 2:
-        where = f"{num_processes} process(es) x batch" if model_args.model_type == "mvam" else "each process's batch"
+    gathered = model_args.model_type == "mvam"  # MVAM gathers every process's batch, UARDA uses its own
+    if train_args.do_train and train_args.per_device_train_batch_size * (num_processes if gathered else 1) < 2:
+        where = f"the {num_processes} process(es)' batches" if gathered else "each process's batch"
         raise ValueError(
             f"--per_device_train_batch_size {train_args.per_device_train_batch_size}: the loss takes its negatives "
-            f"from the other pairs of {where}, and there are none; use at least 2"
+            f"from the other pairs of {where}, and there are none; use at least 2 pairs"
         )
-    if train_args.do_eval and not train_args.do_train and model_args.model_name_or_path is None:
-        raise ValueError("--do_eval without --do_train evaluates a trained model: pass --model_name_or_path")
+    if train_args.do_eval and not train_args.do_train:
+        if model_args.model_name_or_path is None:
+            raise ValueError("--do_eval without --do_train evaluates a trained model: pass --model_name_or_path")
+        if os.path.realpath(train_args.output_dir) == os.path.realpath(model_args.model_name_or_path):
+            raise ValueError("--output_dir is the model folder itself, whose eval_results.json belongs to its card: "
+                             "choose another --output_dir for the evaluation")
     if data_args.streaming and train_args.do_train and train_args.max_steps <= 0:
         raise ValueError("--streaming has no epoch length: set --max_steps")
 

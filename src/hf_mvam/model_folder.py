@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
+from accelerate.utils import DistributedType
 from PIL import Image
 
 from . import hub
@@ -17,7 +19,7 @@ from .checkpointing import TrainerState
 from .data.splits import TRAINING_ARGS_NAME
 from .visualization import save_figures
 
-__all__ = ["card_inputs", "log_figures", "save_model_folder"]
+__all__ = ["card_inputs", "log_figures", "push_snapshot", "save_model_folder", "whole_model"]
 
 
 def save_model_folder(folder: Path, model, processor, results, test_split, card: dict, recorded: dict,
@@ -77,3 +79,28 @@ def log_figures(accelerator, folder: Path, figures: list[str], step: int) -> Non
                 tracker.log_images({name: image[None]}, step=step, dataformats="NHWC")
             else:
                 tracker.log_images({name: [image]}, step=step)
+
+
+def push_snapshot(parent: Path, model, processor, card: dict, recorded: dict, state: TrainerState, train_args) -> None:
+    """--hub_strategy every_save: the model folder of this step (without results or figures),
+    written to a temporary folder in ``parent`` and pushed, as Trainer pushes at every save."""
+    with tempfile.TemporaryDirectory(dir=parent) as folder:
+        save_model_folder(Path(folder), model, processor, {}, None, card, recorded, state)
+        hub.push_folder_to_hub(folder, train_args.hub_model_id, token=train_args.hub_token,
+                               private=train_args.hub_private_repo,
+                               commit_message=f"Training in progress, step {state.global_step}")
+
+
+def whole_model(accelerator, model):
+    """The model, whole, on the main process (``None`` elsewhere), for evaluation and saving; call
+    on every process. Under FSDP each process holds a shard: the gathered state dict goes into a
+    copy (not exercised by the tests: accelerate runs no FSDP on CPUs)."""
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.distributed_type != DistributedType.FSDP or unwrapped is model:
+        return unwrapped if accelerator.is_main_process else None
+    state_dict = accelerator.get_state_dict(model)  # gathered onto the main process
+    if not accelerator.is_main_process:
+        return None
+    copy = type(unwrapped)(unwrapped.config)
+    copy.load_state_dict(state_dict)
+    return copy.to(accelerator.device)

@@ -127,4 +127,4 @@ def _loaded(what: str, load, *args, **kwargs):
     except (ValueError, RuntimeError):
         raise
     except Exception as error:  # connection and Hub errors come in many types
-        raise OSError(f"cannot load {name_or_path}: {one_line(error)}") from None
+        raise OSError(f"cannot load {what}: {one_line(error)}") from None

@@ -128,3 +128,35 @@ def test_two_processes_train_like_one_process_with_twice_the_batch(pretrained, t
     assert json.loads((tmp_path / "two" / "eval_results.json").read_text()).keys() == json.loads(
         (tmp_path / "one" / "eval_results.json").read_text()
     ).keys()
+
+
+def test_two_processes_fine_tune_a_saved_folder_with_a_frozen_tower_then_evaluate_it(tmp_path):
+    """The 2-process CPU form of issue 21's modes: fine-tuning a saved folder (vision tower frozen)
+    on new data, then --do_eval of the result; the evaluation equals the tuned folder's own."""
+    from training_runs import FAST, SYNTHETIC, TINY, train
+
+    env = {**os.environ, "HF_MVAM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    with patch_environment(hf_mvam_cache=str(tmp_path / "cache")):
+        train("--output_dir", tmp_path / "saved", *TINY, *SYNTHETIC, *FAST)
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29519",
+                "training/run.py"]
+    new_data = ["--num_train_images", "48", "--num_validation_images", "8", "--num_test_images", "12",
+                "--per_device_train_batch_size", "4", "--report_to", "none", "--dataloader_num_workers", "0"]
+    commands = {
+        "fine-tune": ["--model_name_or_path", tmp_path / "saved", "--output_dir", tmp_path / "tuned", "--freeze_vision_model",
+                      "--max_steps", "3", "--save_steps", "3", "--eval_steps", "3", "--warmup_steps", "0"],
+        "evaluate": ["--do_eval", "--model_name_or_path", tmp_path / "tuned", "--output_dir", tmp_path / "evaluated"],
+    }
+    logs = {}
+    for name, flags in commands.items():
+        result = subprocess.run([str(c) for c in launcher + flags + new_data], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, f"{name}:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+        logs[name] = result.stderr
+    assert "3 steps of 2 process(es) x batch 4" in logs["fine-tune"]
+    saved, tuned = load_file(tmp_path / "saved" / "model.safetensors"), load_file(tmp_path / "tuned" / "model.safetensors")
+    assert all(torch.equal(saved[n], tuned[n]) for n in saved if n.startswith("vision_model."))
+    assert not torch.equal(saved["text_views.view_codes"], tuned["text_views.view_codes"])
+    evaluated = json.loads((tmp_path / "evaluated" / "eval_results.json").read_text())
+    assert evaluated == pytest.approx(json.loads((tmp_path / "tuned" / "eval_results.json").read_text()))

@@ -332,3 +332,38 @@ def test_card_names_the_split_the_results_come_from():
     assert "on the validation split of Synthetic shapes" in str(card)
     splits = {result.dataset_split for result in card.data.eval_results}
     assert splits == {"validation"}
+
+
+def test_zero_shot_snippet_passes_a_template_the_tokenizer_covers(tiny_tokenizer):
+    """A tokenizer trained on the captions splits the pipeline's "This is a photo of {}." into
+    pieces it never trained on; the card's snippet then passes the labels alone."""
+    from hf_mvam.tokenization import train_caption_tokenizer
+
+    assert tiny_tokenizer.tokenize("photo") != ["photo"]
+    assert hub.zero_shot_template(tiny_tokenizer) == "{}"
+    assert hub.zero_shot_template(train_caption_tokenizer(["this is a photo of a red circle"] * 5)) is None
+    assert 'candidate_labels=["a red circle", "a blue square", "a green star"], hypothesis_template="{}")' in str(
+        _card("mvam", hypothesis_template="{}"))
+    assert "hypothesis_template" not in str(_card("mvam"))
+
+
+def test_card_states_base_model_and_license():
+    data = _card("mvam", base_model=["openai/clip-vit-base-patch32", "bert-base-uncased"], license="mit").data.to_dict()
+    assert data["base_model"] == ["openai/clip-vit-base-patch32", "bert-base-uncased"] and data["license"] == "mit"
+    assert "base_model" not in _card("mvam").data.to_dict()
+
+
+def test_run_card_inputs_name_hub_backbones_and_the_repo(mvam_processor, tmp_path):
+    from hf_mvam.model_folder import card_inputs
+    from training_runs import run
+
+    local = tmp_path / "my-bert"
+    local.mkdir()
+    args = run.parse_arguments(["--vision_model_name_or_path", "openai/clip-vit-base-patch32", "--text_model_name_or_path",
+                                str(local), "--hub_model_id", "someone/shapes-mvam", "--data", "someone/shapes",
+                                "--output_dir", str(tmp_path / "out")])
+    card = card_inputs(args, mvam_processor, "test", "bf16", num_processes=2)
+    assert card["base_model"] == ["openai/clip-vit-base-patch32"]  # a local folder is no Hub id
+    assert card["model_name"] == "shapes-mvam" and card["repo_id"] == "someone/shapes-mvam"
+    assert card["dataset_id"] == "someone/shapes" and card["hyperparameters"]["text_model_name_or_path"] == "my-bert"
+    assert card["hyperparameters"]["mixed_precision"] == "bf16" and card["hypothesis_template"] == "{}"

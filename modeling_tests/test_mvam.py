@@ -402,3 +402,102 @@ def test_from_vision_text_pretrained_offline(tiny_tokenizer, tmp_path):
     model.save_pretrained(tmp_path / "mvam")
     reloaded = MVAMModel.from_pretrained(tmp_path / "mvam")
     torch.testing.assert_close(reloaded.text_model.embeddings.word_embeddings.weight, bert.embeddings.word_embeddings.weight)
+
+
+# --- a drop-in for CLIP users (issue 21) ----------------------------------------------------------
+
+
+def test_features_and_forward_as_clipmodel_gives_them(tiny_tokenizer, mvam_processor):
+    """get_*_features: pooler_output is the [N, config.embedding_dim] retrieval embedding, tuples
+    with return_dict=False (index 1 is the embedding, as CLIP's), per-layer hidden states with
+    output_hidden_states; forward adds the towers' outputs with output_hidden_states."""
+    model = tiny_model(tiny_tokenizer, num_views=3)
+    batch = mvam_processor(text=["a red circle", "a blue square left of a star"], images=images(2))
+    image = model.get_image_features(pixel_values=batch["pixel_values"], output_hidden_states=True)
+    text = model.get_text_features(batch["input_ids"], batch["attention_mask"], output_hidden_states=True)
+    assert model.config.embedding_dim == 3 * 16 == image.pooler_output.shape[1] == text.pooler_output.shape[1]
+    assert len(image.hidden_states) == TINY_VISION["num_hidden_layers"] + 1 and image.last_hidden_state.shape == (2, 17, 32)
+    assert len(text.hidden_states) == TINY_TEXT["num_hidden_layers"] + 1
+    out = model(**batch)
+    torch.testing.assert_close(image.pooler_output, out.image_embeds)
+    torch.testing.assert_close(text.pooler_output, out.text_embeds)
+    assert model.get_image_features(pixel_values=batch["pixel_values"]).hidden_states is None
+    as_tuple = model.get_image_features(pixel_values=batch["pixel_values"], return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 2
+    torch.testing.assert_close(as_tuple[1], out.image_embeds)
+    torch.testing.assert_close(model.get_text_features(batch["input_ids"], batch["attention_mask"], return_dict=False)[1], out.text_embeds)
+
+    full = model(**batch, output_hidden_states=True)
+    assert out.vision_model_output is None and out.text_model_output is None
+    torch.testing.assert_close(full.vision_model_output.last_hidden_state, image.last_hidden_state)
+    torch.testing.assert_close(full.text_model_output.hidden_states[-1], text.hidden_states[-1])
+    flat = model(**batch, output_hidden_states=True, return_dict=False)
+    assert isinstance(flat[-1], tuple) and isinstance(flat[-2], tuple)  # the towers' outputs as tuples, as CLIPOutput
+    torch.testing.assert_close(flat[0], out.logits_per_image)
+
+
+def test_embedding_dim_is_stated_in_the_config(tmp_path):
+    config = MVAMConfig(vision_config=TINY_VISION, text_config={**TINY_TEXT, "vocab_size": 50}, num_views=4, projection_dim=32)
+    config.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["embedding_dim"] == 128
+    assert MVAMConfig.from_pretrained(tmp_path).embedding_dim == 128
+    with pytest.raises(ValueError, match=r"embedding_dim is num_views \* projection_dim = 128, got 64"):
+        MVAMConfig(num_views=4, projection_dim=32, embedding_dim=64)
+
+
+def test_sdpa_and_eager_attention_reach_the_towers_and_agree(tiny_tokenizer, mvam_processor, tmp_path):
+    model = tiny_model(tiny_tokenizer)
+    model.save_pretrained(tmp_path)
+    batch = mvam_processor(text=["a red circle", "a blue square"], images=images(2))
+    logits = {}
+    for implementation in ("sdpa", "eager"):
+        loaded = MVAMModel.from_pretrained(tmp_path, attn_implementation=implementation).eval()
+        assert loaded.text_model.config._attn_implementation == implementation
+        assert loaded.vision_model.config._attn_implementation == implementation
+        with torch.no_grad():
+            logits[implementation] = loaded(**batch).logits_per_image
+    torch.testing.assert_close(logits["sdpa"], logits["eager"], rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_checkpointing_reaches_the_towers_and_keeps_the_gradients(tiny_tokenizer, mvam_processor):
+    from hf_mvam.backbones import enable_gradient_checkpointing
+
+    config = MVAMConfig(vision_config={**TINY_VISION, "attention_dropout": 0.0},
+                        text_config={**tiny_text_config(tiny_tokenizer), "hidden_dropout_prob": 0.0,
+                                     "attention_probs_dropout_prob": 0.0}, projection_dim=16)
+    plain = MVAMModel(config).train()
+    checkpointed = MVAMModel(config).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    assert enable_gradient_checkpointing(checkpointed) == ["vision_model", "text_model"]
+    assert any(getattr(module, "gradient_checkpointing", False) for module in checkpointed.text_model.modules())
+    batch = mvam_processor(text=CAPTIONS_FOR_GC, images=images(3))
+    for model in (plain, checkpointed):
+        model(**batch, return_loss=True).loss.backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
+    fresh = MVAMModel(config)
+    fresh.gradient_checkpointing_enable()  # as on a CLIPModel
+    assert any(getattr(module, "gradient_checkpointing", False) for module in fresh.vision_model.modules())
+
+
+CAPTIONS_FOR_GC = ["a red circle", "a blue square above a star", "two green crosses"]
+
+
+def test_freezing_a_tower_keeps_its_last_blocks_and_final_norm_trainable():
+    from transformers import BertConfig, BertModel, CLIPVisionConfig, CLIPVisionModel
+
+    from hf_mvam.backbones import freeze_backbone
+
+    vision = CLIPVisionModel(CLIPVisionConfig(**{**{k: v for k, v in TINY_VISION.items() if k != "model_type"}, "num_hidden_layers": 3}))
+    freeze_backbone(vision, 1)
+    trainable = {name for name, p in vision.named_parameters() if p.requires_grad}
+    assert trainable == {name for name, _ in vision.named_parameters()
+                         if name.startswith(("encoder.layers.2.", "post_layernorm."))}, sorted(trainable)
+    text_config = {**{k: v for k, v in TINY_TEXT.items() if k != "model_type"}, "num_hidden_layers": 2, "vocab_size": 50}
+    text = BertModel(BertConfig(**text_config), add_pooling_layer=False)
+    freeze_backbone(text, 0)
+    assert not any(p.requires_grad for p in text.parameters())
+    freeze_backbone(text, 2)
+    assert {n.split(".")[0] for n, p in text.named_parameters() if p.requires_grad} == {"encoder"}
+    with pytest.raises(ValueError, match="has 2 blocks: cannot keep 3 trainable"):
+        freeze_backbone(text, 3)

@@ -7,7 +7,6 @@ re-evaluated by ``check_folder.py`` against its ``eval_results.json``.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import logging
@@ -20,54 +19,17 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
-from safetensors.torch import load_file
+from accelerate.state import AcceleratorState
 
 from conftest import TINY_TEXT, TINY_VISION, run_fresh_python
 from hf_mvam import hub
 from hf_mvam.data.synthetic import generate_synthetic_benchmark
 from hf_mvam import MVAMConfig, MVAMModel
-from hf_mvam.checkpointing import TrainerState, latest_checkpoint, list_checkpoints, save_checkpoint
+from hf_mvam.checkpointing import (
+    TrainerState, latest_checkpoint, list_checkpoints, save_checkpoint, starting_checkpoint,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"training_{name}", REPO / "training" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-run = load_script("run")
-
-TINY = ["--vision_config", json.dumps(TINY_VISION), "--text_config", json.dumps(TINY_TEXT), "--projection_dim", "16"]
-TINY_UARDA = ["--vision_config", json.dumps(TINY_VISION), "--text_config", json.dumps(TINY_TEXT), "--embed_dim", "16"]
-SYNTHETIC = ["--num_train_images", "32", "--num_validation_images", "8", "--num_test_images", "16"]
-FAST = ["--per_device_train_batch_size", "8", "--max_steps", "4", "--eval_steps", "2", "--save_steps", "2",
-        "--warmup_steps", "1", "--learning_rate", "1e-3", "--report_to", "none"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def synthetic_cache(tmp_path_factory):
-    """Keep the generated benchmark out of the user's cache (subprocesses inherit it too)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_MVAM_CACHE", str(tmp_path_factory.mktemp("hf_mvam_cache")))
-        yield
-
-
-def train(*argv) -> dict:
-    """run.py's main in this process; accelerate's process-wide state is reset afterwards."""
-    try:
-        return run.main([str(arg) for arg in argv])
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-
-
-def weights(folder) -> dict[str, torch.Tensor]:
-    return load_file(Path(folder) / "model.safetensors")
+from training_runs import FAST, REPO, SYNTHETIC, TINY, TINY_UARDA, run, synthetic_cache, train, weights  # noqa: F401
 
 
 # --- data written the way users have it ---------------------------------------------------------
@@ -148,6 +110,7 @@ def uarda_synthetic(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mvam_imagefolder(imagefolder, tmp_path_factory):
+    """Also the run that records its curves and figures with tensorboard, and asks for fp16 on a CPU."""
     folder = tmp_path_factory.mktemp("mvam_imagefolder")
     logger = logging.getLogger("hf_mvam.run")
     records = []
@@ -155,7 +118,8 @@ def mvam_imagefolder(imagefolder, tmp_path_factory):
     handler.emit = records.append
     logger.addHandler(handler)
     try:
-        results = train("--output_dir", folder, "--data", imagefolder, *TINY, *FAST, "--all_pairs")
+        results = train("--output_dir", folder, "--data", imagefolder, *TINY, *FAST, "--all_pairs",
+                        "--report_to", "tensorboard", "--mixed_precision", "fp16")
     finally:
         logger.removeHandler(handler)
     return folder, results, [record.getMessage() for record in records]
@@ -284,9 +248,12 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path):
 
 
 def _fake_checkpoint(checkpoints: Path, step: int) -> Path:
+    from safetensors.torch import save_file
+
     folder = checkpoints / f"checkpoint_{step}"
     (folder / "processor").mkdir(parents=True)
     (folder / "trainer_state.json").write_text(TrainerState(global_step=step).to_json())
+    save_file({"weight": torch.zeros(2)}, folder / "model.safetensors")
     return folder
 
 
@@ -300,13 +267,13 @@ def test_checkpoints_this_run_would_not_continue_are_refused_or_overwritten(tmp_
 
     def start(*flags):
         *_, args = run.parse_arguments(["--output_dir", str(tmp_path), *flags])
-        return run.starting_checkpoint(args, accelerator)
+        return starting_checkpoint(accelerator, args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
 
     try:
         assert start("--resume_from_checkpoint", "latest") == later
-        with pytest.raises(SystemExit, match=r"holds checkpoints this run would not continue \(checkpoint_9, checkpoint_12\)"):
+        with pytest.raises(ValueError, match=r"holds checkpoints this run would not continue \(checkpoint_9, checkpoint_12\)"):
             start()
-        with pytest.raises(SystemExit, match=r"would not continue \(checkpoint_12\)"):
+        with pytest.raises(ValueError, match=r"would not continue \(checkpoint_12\)"):
             start("--resume_from_checkpoint", str(first))
         assert first.exists() and later.exists()
         assert start("--resume_from_checkpoint", str(first), "--overwrite_output_dir") == first
@@ -375,14 +342,48 @@ def test_logit_scale_is_capped_at_clips_100():
         (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
         (["--vision_config", "{not json"], "--vision_config is not valid JSON"),
         (["--text_config", '{"hidden_size": 8}'], "--text_config must be a JSON object with a 'model_type'"),
-        (["--vision_model_name_or_path", "some/model"], "--vision_model_name_or_path and --text_model_name_or_path go together"),
+        (["--vision_model_name_or_path", "some/model", "--vision_config", json.dumps(TINY_VISION)],
+         "pass either --vision_model_name_or_path or --vision_config, not both"),
         (["--resume_from_checkpoint", "/no/such/checkpoint"], "neither 'latest' nor an existing folder"),
+        # issue 19: refused before anything is loaded, with one line
+        (["--learning_rate", "nan"], "--learning_rate must be a finite number > 0, got nan"),
+        (["--learning_rate", "inf"], "--learning_rate must be a finite number > 0, got inf"),
+        (["--weight_decay", "inf"], "--weight_decay must be a finite number >= 0, got inf"),
+        (["--hub_model_id", "owner/na--me"], "Cannot have -- or .. in repo_id"),
+        (["--hub_model_id", "a/b/c"], "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"),
+        (["--report_to", "tensorboard,nosuchtracker"], "--report_to: unknown tracker 'nosuchtracker'"),
+        (["--report_to", "wandb"], "--report_to wandb: the wandb package is not installed"),
+        (["--vision_config", json.dumps({**TINY_VISION, "hidden_size": 30, "num_attention_heads": 4})],
+         "the backbone config is invalid: vision_config: Class validation error for validator 'validate_architecture': "
+         "ValueError: The hidden size (30) is not a multiple of the number of attention heads (4)"),
+        (["--text_config", json.dumps({**TINY_TEXT, "hidden_size": 30, "num_attention_heads": 4})],
+         "the backbone config is invalid: The hidden size (30) is not a multiple of the number of attention heads (4)"),
+        # issue 21
+        (["--unfrozen_text_layers", "1"], "--unfrozen_text_layers applies to a frozen tower: add --freeze_text_model"),
+        (["--hub_strategy", "every_save"], "--hub_strategy every_save needs --push_to_hub"),
+        (["--streaming", "--data", "someone/data", "--all_pairs"], "--all_pairs visits every pair of the whole split"),
+        (["--lr_scheduler_type", "reduce_lr_on_plateau"], "invalid choice: 'reduce_lr_on_plateau'"),
     ],
 )
 def test_bad_arguments_are_refused_with_their_message(argv, message, capsys):
     with pytest.raises(SystemExit):
         run.parse_arguments(argv)
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.splitlines()[-1].startswith("run.py: error: ") and message in err.splitlines()[-1]
+
+
+def test_a_batch_without_negatives_is_refused():
+    """MVAM gathers the negatives of every process, UARDA takes them from its own batch."""
+    from hf_mvam.arguments import check_run_setting
+
+    def check(argv, processes):
+        check_run_setting(*run.parse_arguments(argv), processes)
+
+    check(["--per_device_train_batch_size", "1"], 2)  # two processes' pairs: one negative each
+    with pytest.raises(ValueError, match="negatives from the other pairs of each process's batch, and there are none"):
+        check(["--model_type", "uarda", "--per_device_train_batch_size", "1"], 2)
+    check(["--model_type", "uarda", "--per_device_train_batch_size", "2"], 1)
 
 
 def test_arguments_from_json_and_yaml(tmp_path):
@@ -410,8 +411,152 @@ def test_bad_data_is_refused_before_training(tmp_path, imagefolder, scan_feature
         (["--data", imagefolder, "--caption_column", "alt"], "caption column 'alt'"),
         (["--data", scan_features], "precomputed image_features: a vision backbone would go unused"),
         (["--per_device_train_batch_size", "64"], "fewer than --per_device_train_batch_size 64"),
+        (["--per_device_train_batch_size", "1"], r"negatives from the other pairs of the 1 process\(es\)' batches, "
+                                                 "and there are none; use at least 2 pairs"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit, match=message):
             train("--output_dir", tmp_path / "out", *TINY, *SYNTHETIC, *FAST, *argv)
         assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+# --- what an uploaded folder says about the machine it was trained on (issue 19) ------------------
+
+
+def test_uploaded_files_carry_no_local_paths(mvam_imagefolder, imagefolder):
+    """Every file the Hub would get, tensorboard's curves included, names the data by its folder's
+    name; the absolute paths stay in .hf_mvam/local_paths.json, which is never uploaded."""
+    folder, _, _ = mvam_imagefolder
+    sent = hub.list_upload_files(folder)
+    assert any(name.startswith("logs/") for name in sent) and not any(name.startswith(".hf_mvam/") for name in sent)
+    for name in sent:
+        content = (folder / name).read_bytes()
+        for local in {str(imagefolder), str(imagefolder.resolve()), str(folder), str(folder.resolve()), str(REPO)}:
+            assert local.encode() not in content, (name, local)
+    recorded = json.loads((folder / "training_args.json").read_text())
+    assert recorded["data"]["data"] == imagefolder.name and recorded["training"]["output_dir"] == folder.name
+    assert recorded["local_data"] is True
+    assert f"Trained and evaluated on {imagefolder.name}." in (folder / "README.md").read_text()
+    from hf_mvam.output_folder import read_local_paths
+
+    assert read_local_paths(folder)["data.data"] == str(imagefolder.resolve())
+
+
+def test_fp16_on_a_cpu_falls_back_and_the_card_says_what_ran(mvam_imagefolder):
+    folder, _, messages = mvam_imagefolder
+    assert any("--mixed_precision fp16 needs a GPU: training in full precision" in m for m in messages)
+    assert "| mixed_precision | no (fp16 asked for; a CPU has no fp16 autocast) |" in (folder / "README.md").read_text()
+
+
+def test_tensorboard_records_the_curves_and_the_figures(mvam_imagefolder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    folder, _, _ = mvam_imagefolder
+    (events,) = {path.parent for path in (folder / "logs").rglob("events.out.tfevents.*") if path.parent.name == "hf_mvam"}
+    accumulator = EventAccumulator(str(events), size_guidance={"images": 0, "scalars": 0})
+    accumulator.Reload()
+    assert [event.step for event in accumulator.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert "eval/rsum" in accumulator.Tags()["scalars"] and "test/rsum" in accumulator.Tags()["scalars"]
+    assert {"figures/view_attention", "figures/training_curves"} <= set(accumulator.Tags()["images"])
+    assert (folder / "figures" / "training_curves.png").is_file()
+
+
+def test_check_folder_takes_the_data_path_when_the_folder_has_none(mvam_imagefolder, imagefolder, tmp_path):
+    """A folder copied without its .hf_mvam/ (as the Hub has it) records only the data's name:
+    check_folder.py asks for --data, and with it reproduces the results."""
+    folder, _, _ = mvam_imagefolder
+    copy = tmp_path / "downloaded"
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns(".hf_mvam", "checkpoints", "logs"))
+    script = (
+        "import sys, check_folder\n"
+        "try:\n    check_folder.main([sys.argv[1]])\nexcept SystemExit as stop:\n    print('exit', stop.code)\n"
+        "sys.exit(check_folder.main([sys.argv[1], '--data', sys.argv[2]]))"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(copy), str(imagefolder)], cwd=REPO / "training",
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"records only the name of its local data ('{imagefolder.name}'): pass --data" in result.stderr
+    assert "exit 2" in result.stdout and "OK: all" in result.stdout
+
+
+def test_the_loaders_warnings_are_logged(tmp_path, scenes, caplog):
+    """run.py logs each warning line of the loader's statistics: an unknown split, a duplicate
+    image, a train image that is also a test image (the loader counts them; run.py wires them)."""
+    root = tmp_path / "data"
+    for split in ("train", "test", "extra"):
+        (root / split).mkdir(parents=True)
+        rows = []
+        for i, example in enumerate(scenes["train" if split != "test" else "test"].select(range(3))):
+            example["image"].save(root / split / f"{i}.png")
+            rows.append({"file_name": f"{i}.png", "captions": example["captions"]})
+        (root / split / "metadata.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    shutil.copy(root / "train" / "0.png", root / "train" / "copy.png")
+    shutil.copy(root / "train" / "1.png", root / "test" / "leak.png")
+    with open(root / "train" / "metadata.jsonl", "a") as file:
+        file.write(json.dumps({"file_name": "copy.png", "captions": ["a copy"]}) + "\n")
+    with open(root / "test" / "metadata.jsonl", "a") as file:
+        file.write(json.dumps({"file_name": "leak.png", "captions": ["a leak"]}) + "\n")
+    *_, data_args, _ = run.parse_arguments(["--data", str(root)])
+    caplog.set_level("INFO")
+    from accelerate import PartialState
+
+    PartialState(cpu=True)  # run.py's logger is accelerate's
+    try:
+        run.report_data(run.load_splits(**data_args.source())[2])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    warnings = " | ".join(record.getMessage() for record in caplog.records if record.levelname == "WARNING")
+    assert "split(s) extra are not train, validation or test" in warnings
+    assert "1 image(s) repeat an earlier image of their split" in warnings and "copy.png" in warnings
+    assert "1 train image(s) are also in an evaluation split" in warnings and "leak.png" in warnings
+
+
+def test_allow_paths_outside_data_root_reaches_the_loader(tmp_path, scenes):
+    root, outside = tmp_path / "images", tmp_path / "elsewhere"
+    root.mkdir()
+    outside.mkdir()
+    entries = []
+    for i, example in enumerate(scenes["train"].select(range(4))):
+        example["image"].save((outside if i == 0 else root) / f"{i}.png")
+        entries.append({"filename": f"{i}.png", "filepath": "../elsewhere" if i == 0 else "", "split": "train",
+                        "sentences": [{"raw": c} for c in example["captions"]]})
+    (tmp_path / "karpathy.json").write_text(json.dumps({"images": entries}))
+    found = {}
+    for flags in ([], ["--allow_paths_outside_data_root"]):
+        *_, data_args, _ = run.parse_arguments(["--data", str(tmp_path / "karpathy.json"), "--image_root", str(root), *flags])
+        splits, _, stats = run.load_splits(**data_args.source())
+        found[bool(flags)] = len(splits["train"]), [reason for _, _, reason in stats["skipped_images"]]
+    assert found[False][0] == 3 and any("outside the data root" in reason for reason in found[False][1])
+    assert found[True] == (4, [])
+
+
+def test_an_options_file_with_flags_after_it(tmp_path, capsys):
+    """A .yaml/.json file of options, then flags that override it (today's HfArgumentParser alone
+    refuses the mix with "Some specified arguments are not used")."""
+    (tmp_path / "run.yaml").write_text(
+        "model_type: uarda\nmax_steps: 7\nsave_total_limit: null\nreport_to: [tensorboard]\n"
+        f"vision_config: {json.dumps(TINY_VISION)}\nfreeze_text_model: true\n"
+    )
+    model_args, data_args, train_args = run.parse_arguments([str(tmp_path / "run.yaml"), "--max_steps", "3",
+                                                             "--learning_rate", "1e-4"])
+    assert (model_args.model_type, train_args.max_steps, train_args.learning_rate) == ("uarda", 3, 1e-4)
+    assert train_args.save_total_limit is None and train_args.report_to == ["tensorboard"]
+    assert json.loads(model_args.vision_config) == TINY_VISION and model_args.freeze_text_model is True
+    (tmp_path / "bad.json").write_text(json.dumps({"max_step": 3}))
+    with pytest.raises(SystemExit):
+        run.parse_arguments([str(tmp_path / "bad.json")])
+    assert "unknown option 'max_step'" in capsys.readouterr().err
+
+
+def test_report_to_takes_a_comma_list():
+    assert run.parse_arguments(["--report_to", "tensorboard, tensorboard"])[2].report_to == ["tensorboard"]
+    assert run.parse_arguments(["--report_to", "none"])[2].report_to == []
+    assert run.parse_arguments([])[2].report_to == ["tensorboard"]  # a dependency: curves by default
+
+
+def test_card_is_named_after_the_hub_repository(pushed):
+    from huggingface_hub import ModelCard
+
+    folder, _, _ = pushed
+    data = ModelCard.load(folder / "README.md").data.to_dict()
+    assert data["model-index"][0]["name"] == "tiny-mvam" and folder.name != "tiny-mvam"

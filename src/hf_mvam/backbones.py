@@ -1,5 +1,6 @@
-"""Backbones as sub-configs: build any transformers vision or text model from a config dict and
-read its token states in one layout, ``[batch, tokens, hidden]``.
+"""Backbones as sub-configs: build any transformers vision or text model from a config dict (or
+load a pretrained one), read its token states in one layout, ``[batch, tokens, hidden]``, and
+freeze or checkpoint it for training.
 
 Shared by MVAM and UARDA and copied into every saved model folder (remote code), so it imports
 only transformers and torch.
@@ -7,9 +8,12 @@ only transformers and torch.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
-from transformers import AutoConfig, AutoModel, PretrainedConfig
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
 # Built-in from-scratch towers: small enough to learn the synthetic benchmark on a 2-core CPU.
 # A ViT (not a CNN) because relations ("the star left of the circle") need attention that can
@@ -53,6 +57,8 @@ def resolve_backbone_config(config: PretrainedConfig | dict | None, default: dic
     except (ValueError, KeyError) as error:
         reason = "not a transformers model type" if "Unrecognized model" in str(error) else str(error)
         raise ValueError(f"{field}: invalid backbone model_type {model_type!r}: {reason}") from error
+    except StrictDataclassError as error:  # transformers' own checks of the config's values
+        raise ValueError(f"{field}: {' '.join(str(error).split())}") from error
 
 
 def backbone_hidden_size(config: PretrainedConfig) -> int:
@@ -92,23 +98,129 @@ def vision_token_states(backbone: nn.Module, pixel_values: torch.Tensor) -> tupl
             models' ``[B, C, h, w]`` feature maps are flattened to ``[B, h*w, C]``.
         grid: ``(h, w)`` of the spatial tokens (for attention maps).
     """
-    states = backbone(pixel_values=pixel_values).last_hidden_state
+    states, grid, _ = vision_backbone_outputs(backbone, pixel_values)
+    return states, grid
+
+
+def vision_backbone_outputs(
+    backbone: nn.Module, pixel_values: torch.Tensor, output_hidden_states: bool = False
+) -> tuple[torch.Tensor, tuple[int, int], Optional[tuple]]:
+    """As :func:`vision_token_states`, plus the backbone's ``hidden_states`` (every layer's output,
+    as the backbone returns them) with ``output_hidden_states``, else ``None``."""
+    outputs = backbone(pixel_values=pixel_values, output_hidden_states=output_hidden_states)
+    states = outputs.last_hidden_state
     if backbone.config.model_type in _TOKENS_BEFORE_POST_LAYERNORM:
         states = getattr(backbone, "vision_model", backbone).post_layernorm(states)
+    hidden_states = outputs.hidden_states if output_hidden_states else None
     if states.dim() == 4:  # convolutional feature map [B, C, h, w]
         batch, channels, height, width = states.shape
         states = states.flatten(2).transpose(1, 2)  # [B, h*w, C]
-        return states, (height, width)
+        return states, (height, width), hidden_states
     side = int(round((states.shape[1] - 1) ** 0.5))  # ViT: CLS + side*side patches
     if side * side == states.shape[1] - 1:
-        return states, (side, side)
+        return states, (side, side), hidden_states
     side = int(round(states.shape[1] ** 0.5))
-    return states, (side, states.shape[1] // max(side, 1))
+    return states, (side, states.shape[1] // max(side, 1)), hidden_states
 
 
 def text_token_states(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Run the text backbone; returns ``[B, L, H]`` token states (padding positions included)."""
-    return backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return text_backbone_outputs(backbone, input_ids, attention_mask)[0]
+
+
+def text_backbone_outputs(
+    backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, output_hidden_states: bool = False
+) -> tuple[torch.Tensor, Optional[tuple]]:
+    """As :func:`text_token_states`, plus the backbone's ``hidden_states`` with ``output_hidden_states``."""
+    outputs = backbone(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states)
+    return outputs.last_hidden_state, outputs.hidden_states if output_hidden_states else None
+
+
+# --------------------------------------------------------------------------- pretrained towers
+
+
+def load_pretrained_backbone(name_or_path: str, sub_config: str) -> PreTrainedModel:
+    """Load a backbone (Hub id or folder); from a composite checkpoint (e.g. CLIP, SigLIP, whose
+    config has a ``sub_config`` such as ``vision_config``) take that tower."""
+    config = AutoConfig.from_pretrained(name_or_path)
+    if hasattr(config, sub_config):
+        config = getattr(config, sub_config)
+    return AutoModel.from_pretrained(name_or_path, config=config)
+
+
+def from_vision_text_pretrained(
+    model_class, vision_model_name_or_path: Optional[str] = None, text_model_name_or_path: Optional[str] = None,
+    **config_kwargs,
+):
+    """An hf-mvam model (MVAM or UARDA: any ``model_class`` whose towers are ``vision_model`` and
+    ``text_model``) on pretrained backbones, either or both; the other parts (view heads or
+    projections, the logit scale or threshold, a from-scratch tower given as ``vision_config`` /
+    ``text_config``) are freshly initialised. ``config_kwargs`` go to ``model_class.config_class``
+    (e.g. ``image_feature_dim`` for a text backbone with precomputed region features).
+
+    Raises:
+        ValueError: a pretrained backbone lacks weights the tower needs.
+    """
+    pretrained = {}
+    for name, sub_config in ((vision_model_name_or_path, "vision_config"), (text_model_name_or_path, "text_config")):
+        if name is not None:
+            pretrained[sub_config] = load_pretrained_backbone(name, sub_config)
+            config_kwargs[sub_config] = pretrained[sub_config].config
+    model = model_class(model_class.config_class(**config_kwargs))
+    for sub_config, backbone in pretrained.items():
+        tower = getattr(model, sub_config.replace("_config", "_model"))
+        if tower is None:  # e.g. a vision backbone beside image_feature_dim
+            raise ValueError(f"the model takes precomputed image features: the pretrained {sub_config} would go unused")
+        # strict=False only for the pretrained pooling heads we drop; a missing weight is an error.
+        missing = tower.load_state_dict(backbone.state_dict(), strict=False).missing_keys
+        if missing:
+            raise ValueError(f"pretrained {type(backbone).__name__} lacks weights for {missing[:5]}")
+    return model
+
+
+# --------------------------------------------------------------------------- training the towers
+
+
+def backbone_blocks(backbone: nn.Module) -> nn.ModuleList:
+    """The repeated blocks of a backbone: its ``nn.ModuleList`` with the most parameters (BERT's
+    ``encoder.layer``, CLIP's ``encoder.layers``; the stages of a ResNet or ConvNeXt)."""
+    lists = [module for module in backbone.modules() if isinstance(module, nn.ModuleList) and len(module)]
+    if not lists:
+        raise ValueError(f"cannot find the blocks of a {type(backbone).__name__}")
+    return max(lists, key=lambda blocks: sum(p.numel() for p in blocks.parameters()))
+
+
+def freeze_backbone(backbone: nn.Module, unfrozen_blocks: int = 0) -> None:
+    """Stop training a backbone, except its last ``unfrozen_blocks`` blocks and the parameters
+    that come after the blocks (a final norm), as open_clip's ``lock_image(unlocked_groups)``.
+    Whatever comes before the blocks (embeddings, a pre-norm) stays frozen."""
+    parameters = list(backbone.named_parameters())
+    for _, parameter in parameters:
+        parameter.requires_grad_(False)
+    if unfrozen_blocks == 0:
+        return
+    blocks = backbone_blocks(backbone)
+    if unfrozen_blocks > len(blocks):
+        raise ValueError(f"a {type(backbone).__name__} has {len(blocks)} blocks: cannot keep {unfrozen_blocks} trainable")
+    for block in blocks[-unfrozen_blocks:]:
+        block.requires_grad_(True)
+    in_blocks = {id(p) for p in blocks.parameters()}
+    last_block_parameter = max(i for i, (_, p) in enumerate(parameters) if id(p) in in_blocks)
+    for _, parameter in parameters[last_block_parameter + 1:]:  # registered after the blocks: they follow them
+        parameter.requires_grad_(True)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> list[str]:
+    """Recompute the activations of every tower (``vision_model``, ``text_model``) whose
+    transformers model supports it, in the backward pass; returns the towers' names."""
+    enabled = []
+    for name in ("vision_model", "text_model"):
+        tower = getattr(model, name, None)
+        if isinstance(tower, PreTrainedModel) and tower.supports_gradient_checkpointing:
+            # activation_checkpointing_enable is the newer transformers name of the same call.
+            getattr(tower, "activation_checkpointing_enable", tower.gradient_checkpointing_enable)()
+            enabled.append(name)
+    return enabled
 
 
 # Models check shapes and types only, as CLIP does: a check that reads tensor values would force a

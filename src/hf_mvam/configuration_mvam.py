@@ -30,13 +30,19 @@ class MVAMConfig(PretrainedConfig):
             K, the number of view codes per modality. ``num_views=1`` with ``diversity_weight=0`` is
             a plain CLIP-style single-vector dual encoder (the baseline).
         projection_dim (`int`, defaults to 128):
-            Width of each view vector; the matching embedding is ``num_views * projection_dim`` wide.
+            Width of *each view* vector (unlike CLIPConfig's ``projection_dim``, this is not the
+            retrieval embedding's width: that is :attr:`embedding_dim`).
         diversity_weight (`float`, defaults to 0.1):
             Weight of the diversity objective (overlap between the views' attention distributions).
         logit_scale_init_value (`float`, defaults to 2.6592):
             Initial log of the contrastive temperature's inverse, as in CLIP (ln(1/0.07)).
         initializer_range (`float`, defaults to 0.02):
             Std of the normal initialisation of the view codes and projections.
+
+    Attributes:
+        embedding_dim (`int`): width of the retrieval embedding (``image_embeds``, ``text_embeds``
+            and ``get_*_features(...).pooler_output``): ``num_views * projection_dim``, the size of
+            a vector index. Written to config.json for readers; it follows the two options.
     """
 
     model_type = "mvam"
@@ -54,6 +60,7 @@ class MVAMConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         **kwargs,
     ):
+        stated_embedding_dim = kwargs.pop("embedding_dim", None)  # as config.json states it
         self.image_feature_dim = image_feature_dim
         self.vision_config = (
             None if image_feature_dim is not None
@@ -67,6 +74,15 @@ class MVAMConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         super().__init__(**kwargs)
         self.validate_mvam()
+        if stated_embedding_dim is not None and stated_embedding_dim != self.embedding_dim:
+            raise ValueError(
+                f"embedding_dim is num_views * projection_dim = {self.embedding_dim}, got {stated_embedding_dim}"
+            )
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of the retrieval embedding: ``num_views * projection_dim``."""
+        return self.num_views * self.projection_dim
 
     def validate_mvam(self):
         """Raise a ValueError that names the first invalid field."""
@@ -81,4 +97,5 @@ class MVAMConfig(PretrainedConfig):
         output = super().to_dict()
         output["vision_config"] = self.vision_config.to_dict() if self.vision_config is not None else None
         output["text_config"] = self.text_config.to_dict()
+        output["embedding_dim"] = self.embedding_dim
         return output

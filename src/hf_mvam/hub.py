@@ -38,6 +38,7 @@ __all__ = [
     "UPLOAD_IGNORE_PATTERNS",
     "build_model_card",
     "describe_model",
+    "zero_shot_template",
     "list_upload_files",
     "push_folder_to_hub",
     "write_model_folder_extras",
@@ -73,7 +74,11 @@ UPLOAD_IGNORE_PATTERNS: list[str] = [
     "optimizer.pt",
     "scheduler.pt",
     "rng_state*.pth",
+    ".hf_mvam/*",  # training/run.py's lock and local paths (hf_mvam.output_folder)
 ]
+
+#: The zero-shot-image-classification pipeline's default ``hypothesis_template``.
+PIPELINE_HYPOTHESIS_TEMPLATE = "This is a photo of {}."
 
 _MODEL_TYPES = {
     "mvam": {"tags": ["mvam"], "pipeline_tag": "zero-shot-image-classification"},
@@ -98,6 +103,8 @@ def build_model_card(
     repo_id: str | None = None,
     template_path: str | os.PathLike | None = None,
     license: str | None = None,
+    base_model: list[str] | None = None,
+    hypothesis_template: str | None = None,
 ) -> ModelCard:
     """Render the model card of an MVAM or UARDA checkpoint.
 
@@ -121,6 +128,10 @@ def build_model_card(
         repo_id: id shown in the code snippets; defaults to ``model_name``.
         template_path: Jinja template to render; defaults to :data:`DEFAULT_TEMPLATE_PATH`.
         license: optional license id for the YAML metadata (e.g. ``"apache-2.0"``).
+        base_model: Hub ids of the models this one was trained from (pretrained backbones, or the
+            hf-mvam model it was fine-tuned from), for the YAML ``base_model``.
+        hypothesis_template: the ``hypothesis_template`` the zero-shot snippet passes (MVAM; see
+            :func:`zero_shot_template`); ``None`` leaves the pipeline's default.
 
     Returns:
         The :class:`huggingface_hub.ModelCard`; ``str(card)`` is the README text.
@@ -161,6 +172,7 @@ def build_model_card(
         model_name=model_name if model_index else None,
         library_name="transformers",
         license=license,
+        base_model=list(base_model) if base_model else None,
         tags=["image-text-matching", *_MODEL_TYPES[kind]["tags"], "custom_code"],
         pipeline_tag=_MODEL_TYPES[kind]["pipeline_tag"],
         datasets=[dataset_id] if dataset_id else None,
@@ -177,8 +189,22 @@ def build_model_card(
         dataset_split=dataset_split,
         hyperparameters=dict(hyperparameters),
         figures=figure_entries,
+        hypothesis_template=hypothesis_template,
         **_eval_table(eval_results),
     )
+
+
+def zero_shot_template(tokenizer) -> str | None:
+    """The ``hypothesis_template`` a model card's zero-shot snippet should pass: ``None`` when the
+    tokenizer keeps every word of the pipeline's default template ("This is a photo of {}.")
+    whole, else ``"{}"`` (the labels alone), since a tokenizer trained on the training captions may
+    split "photo" into ``p ##h ##o ##t ##o`` or know no such word."""
+    words = PIPELINE_HYPOTHESIS_TEMPLATE.replace("{}", " ").replace(".", " ").split()
+    for word in words:
+        tokens = tokenizer.tokenize(word)
+        if len(tokens) != 1 or tokens[0] == tokenizer.unk_token:
+            return "{}"
+    return None
 
 
 # Bookkeeping entries of a config's diff that say nothing about the model.

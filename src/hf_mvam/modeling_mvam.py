@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
@@ -28,8 +28,9 @@ from .backbones import (
     check_image_features,
     check_pixel_values,
     check_text_inputs,
-    text_token_states,
-    vision_token_states,
+    from_vision_text_pretrained,
+    text_backbone_outputs,
+    vision_backbone_outputs,
 )
 from .configuration_mvam import MVAMConfig
 from .losses import attention_overlap, contrastive_loss
@@ -98,7 +99,11 @@ class MVAMPreTrainedModel(PreTrainedModel):
     config_class = MVAMConfig
     base_model_prefix = "mvam"
     main_input_name = "input_ids"
-    supports_gradient_checkpointing = False
+    # Delegated to the towers: gradient_checkpointing_enable() and attn_implementation= reach
+    # every backbone that supports them (the view heads have neither).
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -123,6 +128,8 @@ class MVAMEncoderOutput(ModelOutput):
         view_embeds: [N, K, P] per-view unit vectors.
         view_attentions: [N, K, T] each view's attention over the tokens (with ``output_attentions``).
         last_hidden_state: [N, T, H] the tokens the views attend over (with ``output_hidden_states``).
+        hidden_states: the backbone's per-layer outputs (with ``output_hidden_states``; none for
+            precomputed image features).
         grid_size: (h, w) of an image's spatial tokens (images from pixels only).
     """
 
@@ -130,6 +137,7 @@ class MVAMEncoderOutput(ModelOutput):
     view_embeds: Optional[torch.FloatTensor] = None
     view_attentions: Optional[torch.FloatTensor] = None
     last_hidden_state: Optional[torch.FloatTensor] = None
+    hidden_states: Optional[tuple] = None
     grid_size: Optional[tuple] = None
 
 
@@ -151,6 +159,10 @@ class MVAMOutput(ModelOutput):
             (with ``output_attentions``).
         text_view_attentions: [N_texts, K, L] each view's attention over words.
         logit_scale: the inverse temperature exp(logit_scale) the logits use (capped at 100).
+        text_model_output: as CLIPOutput's: ``last_hidden_state`` [N_texts, L, H] the word states
+            the views pool, ``pooler_output`` the embedding, ``hidden_states`` the backbone's
+            per-layer outputs with ``output_hidden_states``.
+        vision_model_output: the same for the images ([N_images, T, H] tokens or regions).
     """
 
     loss: Optional[torch.FloatTensor] = None
@@ -165,6 +177,22 @@ class MVAMOutput(ModelOutput):
     image_view_attentions: Optional[torch.FloatTensor] = None
     text_view_attentions: Optional[torch.FloatTensor] = None
     logit_scale: Optional[torch.FloatTensor] = None
+    text_model_output: Optional[BaseModelOutputWithPooling] = None
+    vision_model_output: Optional[BaseModelOutputWithPooling] = None
+
+    def to_tuple(self) -> tuple:
+        """As CLIPOutput.to_tuple: the towers' outputs become tuples too."""
+        return tuple(
+            self[k] if k not in ("text_model_output", "vision_model_output") else getattr(self, k).to_tuple()
+            for k in self.keys()
+        )
+
+
+def _tower_output(encoding: "MVAMEncoderOutput") -> BaseModelOutputWithPooling:
+    return BaseModelOutputWithPooling(
+        last_hidden_state=encoding.last_hidden_state, pooler_output=encoding.pooler_output,
+        hidden_states=encoding.hidden_states,
+    )
 
 
 class MVAMModel(MVAMPreTrainedModel):
@@ -206,24 +234,14 @@ class MVAMModel(MVAMPreTrainedModel):
     ) -> MVAMEncoderOutput:
         """Pixels [N, 3, S, S] (the backbone's tokens) or precomputed region features [N, R, F]
         (with ``image_feature_dim``) -> embedding [N, K*P], views [N, K, P], attention [N, K, T]."""
-        if (pixel_values is None) == (image_features is None):
-            raise ValueError("pass exactly one of pixel_values and image_features")
-        grid = None
-        if image_features is not None:
-            states = check_image_features(image_features, self.config.image_feature_dim)  # [N, R, F]
-        else:
-            if self.vision_model is None:
-                raise ValueError(
-                    f"this model takes precomputed image_features of width {self.config.image_feature_dim}, not pixel_values"
-                )
-            check_pixel_values(pixel_values, self.config.vision_config)
-            states, grid = vision_token_states(self.vision_model, pixel_values)  # [N, T, H]
+        states, grid, hidden_states = self._image_states(pixel_values, image_features, output_hidden_states)
         views, attention = self.image_views(states)
         return MVAMEncoderOutput(
             pooler_output=concatenate_views(views),
             view_embeds=views,
             view_attentions=attention if output_attentions else None,
             last_hidden_state=states if output_hidden_states else None,
+            hidden_states=hidden_states,
             grid_size=grid,
         )
 
@@ -236,29 +254,74 @@ class MVAMModel(MVAMPreTrainedModel):
     ) -> MVAMEncoderOutput:
         """input_ids [N, L] (+ mask) -> embedding [N, K*P], views [N, K, P], attention [N, K, L]."""
         attention_mask = check_text_inputs(input_ids, attention_mask, self.config.text_config)
-        states = text_token_states(self.text_model, input_ids, attention_mask)  # [N, L, H]
+        states, hidden_states = text_backbone_outputs(
+            self.text_model, input_ids, attention_mask, output_hidden_states
+        )  # [N, L, H]
         views, attention = self.text_views(states, attention_mask)
         return MVAMEncoderOutput(
             pooler_output=concatenate_views(views),
             view_embeds=views,
             view_attentions=attention if output_attentions else None,
             last_hidden_state=states if output_hidden_states else None,
+            hidden_states=hidden_states,
         )
 
+    def _image_states(self, pixel_values, image_features, output_hidden_states: bool):
+        """The [N, T, H] tokens (or [N, R, F] regions) the image views pool, the grid and the
+        backbone's per-layer outputs (with ``output_hidden_states``)."""
+        if (pixel_values is None) == (image_features is None):
+            raise ValueError("pass exactly one of pixel_values and image_features")
+        if image_features is not None:
+            return check_image_features(image_features, self.config.image_feature_dim), None, None  # [N, R, F]
+        if self.vision_model is None:
+            raise ValueError(
+                f"this model takes precomputed image_features of width {self.config.image_feature_dim}, not pixel_values"
+            )
+        check_pixel_values(pixel_values, self.config.vision_config)
+        return vision_backbone_outputs(self.vision_model, pixel_values, output_hidden_states)  # [N, T, H]
+
     def get_image_features(
-        self, pixel_values: Optional[torch.Tensor] = None, image_features: Optional[torch.Tensor] = None, **kwargs
-    ) -> BaseModelOutputWithPooling:
-        """As transformers 5.x ``CLIPModel.get_image_features``: ``pooler_output`` is the [N, K*P]
-        retrieval embedding."""
-        encoded = self.encode_images(pixel_values, image_features, output_hidden_states=True)
-        return BaseModelOutputWithPooling(last_hidden_state=encoded.last_hidden_state, pooler_output=encoded.pooler_output)
+        self,
+        pixel_values: Optional[torch.Tensor] = None,
+        image_features: Optional[torch.Tensor] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        """As transformers 5.x ``CLIPModel.get_image_features``: ``pooler_output`` is the
+        [N, config.embedding_dim] retrieval embedding, ``last_hidden_state`` the [N, T, H] tokens
+        the views pool; the backbone's ``hidden_states`` with ``output_hidden_states``; a tuple
+        with ``return_dict=False``."""
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        states, _, hidden_states = self._image_states(pixel_values, image_features, output_hidden_states)
+        views, _ = self.image_views(states)
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=states, pooler_output=concatenate_views(views), hidden_states=hidden_states
+        )
+        return output if (return_dict if return_dict is not None else self.config.return_dict) else output.to_tuple()
 
     def get_text_features(
-        self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs
-    ) -> BaseModelOutputWithPooling:
-        """As transformers 5.x ``CLIPModel.get_text_features``: ``pooler_output`` is [N, K*P]."""
-        encoded = self.encode_texts(input_ids, attention_mask, output_hidden_states=True)
-        return BaseModelOutputWithPooling(last_hidden_state=encoded.last_hidden_state, pooler_output=encoded.pooler_output)
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        """As transformers 5.x ``CLIPModel.get_text_features``: ``pooler_output`` is
+        [N, config.embedding_dim]; ``hidden_states`` and tuples as :meth:`get_image_features`."""
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        attention_mask = check_text_inputs(input_ids, attention_mask, self.config.text_config)
+        states, hidden_states = text_backbone_outputs(self.text_model, input_ids, attention_mask, output_hidden_states)
+        views, _ = self.text_views(states, attention_mask)
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=states, pooler_output=concatenate_views(views), hidden_states=hidden_states
+        )
+        return output if (return_dict if return_dict is not None else self.config.return_dict) else output.to_tuple()
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The text backbone's token embeddings (what transformers' embedding utilities resize or hook)."""
+        return self.text_model.get_input_embeddings()
 
     # --- matching -------------------------------------------------------------------------------
 
@@ -292,6 +355,7 @@ class MVAMModel(MVAMPreTrainedModel):
         image_features: Optional[torch.FloatTensor] = None,
         return_loss: Optional[bool] = None,
         output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
         **kwargs,
     ):
@@ -305,12 +369,16 @@ class MVAMModel(MVAMPreTrainedModel):
                 its negatives from every process's batch (with gradients), so W processes with
                 batch B train like one process with batch W*B.
             output_attentions: also return each view's attention maps.
+            output_hidden_states: also return ``text_model_output`` and ``vision_model_output``
+                (the token states and the backbones' per-layer outputs), as CLIPModel does.
+            return_dict: ``False`` gives a tuple of the fields that are set, in order.
         """
         if input_ids is None:
             raise ValueError("MVAMModel.forward needs input_ids")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        images = self.encode_images(pixel_values, image_features, output_attentions=True)
-        texts = self.encode_texts(input_ids, attention_mask, output_attentions=True)
+        output_hidden_states = bool(output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states)
+        images = self.encode_images(pixel_values, image_features, True, output_hidden_states)
+        texts = self.encode_texts(input_ids, attention_mask, True, output_hidden_states)
         if return_loss and images.pooler_output.shape[0] != texts.pooler_output.shape[0]:
             raise ValueError(
                 f"return_loss=True needs paired inputs (image i with caption i), got {images.pooler_output.shape[0]} "
@@ -342,6 +410,8 @@ class MVAMModel(MVAMPreTrainedModel):
             image_view_attentions=images.view_attentions if output_attentions else None,
             text_view_attentions=texts.view_attentions if output_attentions else None,
             logit_scale=logit_scale.exp().detach(),
+            text_model_output=_tower_output(texts) if output_hidden_states else None,
+            vision_model_output=_tower_output(images) if output_hidden_states else None,
         )
         return output if return_dict else output.to_tuple()
 
@@ -365,30 +435,16 @@ class MVAMModel(MVAMPreTrainedModel):
 
     @classmethod
     def from_vision_text_pretrained(
-        cls, vision_model_name_or_path: str, text_model_name_or_path: str, **config_kwargs
+        cls, vision_model_name_or_path: Optional[str] = None, text_model_name_or_path: Optional[str] = None,
+        **config_kwargs,
     ) -> "MVAMModel":
         """Build MVAM on pretrained backbones (Hub ids or local folders), e.g.
         ``MVAMModel.from_vision_text_pretrained("openai/clip-vit-base-patch32", "openai/clip-vit-base-patch32")``.
-        For a composite checkpoint (CLIP, SigLIP) the vision or text tower is taken out of it. The
-        view heads and logit scale are freshly initialised; ``config_kwargs`` go to [`MVAMConfig`]."""
-        vision_model = _load_tower(vision_model_name_or_path, "vision_config")
-        text_model = _load_tower(text_model_name_or_path, "text_config")
-        config = MVAMConfig(vision_config=vision_model.config, text_config=text_model.config, **config_kwargs)
-        model = cls(config)
-        for tower, pretrained in ((model.vision_model, vision_model), (model.text_model, text_model)):
-            # strict=False only for the pretrained pooling heads we drop; a missing weight is an error.
-            missing = tower.load_state_dict(pretrained.state_dict(), strict=False).missing_keys
-            if missing:
-                raise ValueError(f"pretrained {type(pretrained).__name__} lacks weights for {missing[:5]}")
-        return model
-
-
-def _load_tower(name_or_path: str, sub_config: str) -> PreTrainedModel:
-    """Load a backbone; from a composite model config (e.g. CLIPConfig) take its ``sub_config`` tower."""
-    config = AutoConfig.from_pretrained(name_or_path)
-    if hasattr(config, sub_config):
-        config = getattr(config, sub_config)
-    return AutoModel.from_pretrained(name_or_path, config=config)
+        For a composite checkpoint (CLIP, SigLIP) the vision or text tower is taken out of it;
+        either may be omitted (a from-scratch ``vision_config``/``text_config``, or
+        ``image_feature_dim``). The view heads and logit scale are freshly initialised;
+        ``config_kwargs`` go to [`MVAMConfig`]."""
+        return from_vision_text_pretrained(cls, vision_model_name_or_path, text_model_name_or_path, **config_kwargs)
 
 
 __all__ = ["MVAMModel", "MVAMPreTrainedModel", "MultiViewAttentionPooling", "MVAMEncoderOutput", "MVAMOutput"]

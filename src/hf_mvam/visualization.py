@@ -11,6 +11,7 @@ left open), saves it to ``path`` (parent folders are created) and returns ``path
   the learned threshold.
 - :func:`plot_threshold_trajectory` -- UARDA: the learned threshold over training steps.
 - :func:`plot_word_region_attention` -- UARDA: each word's attention over the image regions.
+- :func:`plot_training_curves` -- both: the training loss and the validation rSum over the steps.
 - :func:`save_figures` -- the case-study figures of a trained model, as every training run writes
   them into its model folder.
 """
@@ -33,6 +34,7 @@ from .image_loading import load_image
 __all__ = [
     "plot_relevance_histograms",
     "plot_threshold_trajectory",
+    "plot_training_curves",
     "plot_view_attention",
     "plot_word_region_attention",
     "save_figures",
@@ -233,6 +235,33 @@ def plot_threshold_trajectory(
     return _save(fig, path)
 
 
+def plot_training_curves(log_history: Sequence[dict], path: str | os.PathLike, title: str | None = None) -> Path:
+    """The training loss (left axis) and the validation rSum (right axis) over the steps, from a
+    run's ``TrainerState.log_history`` records (``train/loss`` and ``eval/rsum`` entries).
+
+    Raises:
+        ValueError: no record has a ``train/loss``.
+    """
+    loss = [(record["step"], record["train/loss"]) for record in log_history if "train/loss" in record]
+    rsum = [(record["step"], record["eval/rsum"]) for record in log_history if "eval/rsum" in record]
+    if not loss:
+        raise ValueError("log_history has no train/loss records: nothing to plot")
+    fig = _figure((6.4, 3.6))
+    ax = fig.add_subplot()
+    steps, values = zip(*loss)
+    ax.plot(steps, values, color="tab:blue", label="training loss")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("training loss", color="tab:blue")
+    ax.grid(alpha=0.3)
+    if rsum:
+        right = ax.twinx()
+        steps, values = zip(*rsum)
+        right.plot(steps, values, color="tab:orange", marker="o", markersize=3, label="validation rSum")
+        right.set_ylabel("validation rSum", color="tab:orange")
+    ax.set_title(title or "training loss and validation rSum")
+    return _save(fig, path)
+
+
 def plot_word_region_attention(
     image: Any,
     words: Sequence[str],
@@ -312,7 +341,7 @@ def plot_word_region_attention(
 
 def save_figures(model, processor, split, folder: str | os.PathLike, log_history: Sequence[dict] = ()) -> list[str]:
     """Case-study figures of the first example of ``split`` under ``folder/figures``, for the
-    model's type (see ``_FIGURES``).
+    model's type (see ``_FIGURES``), and the training curves when ``log_history`` has them.
 
     Args:
         model: a trained hf-mvam model (figures are drawn in eval mode; its mode is restored).
@@ -334,6 +363,8 @@ def save_figures(model, processor, split, folder: str | os.PathLike, log_history
             written = _FIGURES[model.config.model_type](model, processor, split[0], folder / "figures", log_history)
     finally:
         model.train(was_training)
+    if any("train/loss" in record for record in log_history):
+        written.append(plot_training_curves(log_history, folder / "figures" / "training_curves.png"))
     return [path.relative_to(folder).as_posix() for path in written]
 
 

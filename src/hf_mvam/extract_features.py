@@ -62,7 +62,7 @@ from .region_encoder import (
     images_to_pixel_values,
     train_region_encoder,
 )
-from .training_utils import load_splits
+from .data.splits import load_splits
 
 logger = logging.getLogger("hf_mvam.extract_features")
 

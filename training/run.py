@@ -37,7 +37,8 @@ from hf_mvam.arguments import check_run_setting, one_line, parse_arguments, reco
 from hf_mvam.checkpointing import (
     CHECKPOINTS_DIR, TrainerState, config_changes, load_checkpoint, save_checkpoint, starting_checkpoint,
 )
-from hf_mvam.data.collate import CaptionPairSampler, ImageCaptionCollator, ImageCaptionPairs
+from hf_mvam.data.collate import CaptionPairSampler, ImageCaptionCollator, ImageCaptionPairs, flatten_captions
+from hf_mvam.data.hard_negatives import HardNegativeGenerator
 from hf_mvam.data.sources import data_warnings
 from hf_mvam.data.splits import load_splits
 from hf_mvam.evaluation import evaluate_split
@@ -146,10 +147,17 @@ def report_data(stats: dict | None) -> None:
 
 
 def build_train_loader(train_split, processor, data_args, train_args) -> DataLoader:
-    """Batches of (image, caption) pairs: one caption drawn per image per epoch, or all pairs.
-    Images are decoded and processed by ``--dataloader_num_workers`` worker processes."""
+    """Batches of (image, caption) pairs: one caption drawn per image per epoch, or all pairs, with
+    each caption's hard negative when asked. Images are decoded and processed by
+    ``--dataloader_num_workers`` worker processes."""
     workers = train_args.num_workers()
-    common = dict(batch_size=train_args.per_device_train_batch_size, collate_fn=ImageCaptionCollator(processor),
+    hard_negatives = None
+    if data_args.hard_negatives:
+        if isinstance(train_split, StreamedPairs):
+            fail("--hard_negatives draws replacement words from the whole training split: it cannot stream")
+        hard_negatives = HardNegativeGenerator(flatten_captions(train_split)[0], seed=train_args.seed)
+    common = dict(batch_size=train_args.per_device_train_batch_size,
+                  collate_fn=ImageCaptionCollator(processor, hard_negatives=hard_negatives),
                   drop_last=True,  # equal batches on every process, as the gathered contrastive loss needs
                   num_workers=workers, persistent_workers=workers > 0)
     if isinstance(train_split, StreamedPairs):

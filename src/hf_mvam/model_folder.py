@@ -53,6 +53,7 @@ def card_inputs(args, processor, eval_split: str, precision: str, num_processes:
         "max_grad_norm": train_args.max_grad_norm,
         "schedule": f"{train_args.warmup_steps} warm-up steps, {train_args.lr_scheduler_type}",
         "captions_per_image_per_epoch": "all" if data_args.all_pairs else 1,
+        **({"hard_negative_captions": "one per caption (NegCLIP-style)"} if data_args.hard_negatives else {}),
         "mixed_precision": precision,
         **({"frozen_backbones": ", ".join(frozen)} if frozen else {}),
         "seed": train_args.seed,

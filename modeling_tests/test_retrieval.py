@@ -28,16 +28,14 @@ REPO = Path(__file__).resolve().parents[1]
 NUM_IMAGES = 12  # 60 captions
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
+def make_tiny_folders(root: Path):
     """Untrained tiny MVAM and UARDA folders (save_pretrained) and a tiny synthetic split saved to
-    disk as a dataset folder."""
+    disk as a dataset folder, under ``root``; returns the split."""
     from datasets import DatasetDict
 
     from hf_mvam.data.synthetic import generate_synthetic_benchmark
     from hf_mvam.tokenization import train_caption_tokenizer
 
-    root = tmp_path_factory.mktemp("retrieval")
     split = generate_synthetic_benchmark(num_train=0, num_validation=0, num_test=NUM_IMAGES)["test"]
     DatasetDict(test=split).save_to_disk(root / "data")
     tokenizer = train_caption_tokenizer([c for captions in split["captions"] for c in captions], model_max_length=32)
@@ -49,7 +47,13 @@ def folders(tmp_path_factory):
     uarda.relevance_threshold.threshold.fill_(0.1)  # some words skipped, some attended
     uarda.save_pretrained(root / "uarda")
     UARDAProcessor(image_processor=default_image_processor(32), tokenizer=tokenizer).save_pretrained(root / "uarda")
-    return root, split
+    return split
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("retrieval")
+    return root, make_tiny_folders(root)
 
 
 def load(root: Path, name: str):

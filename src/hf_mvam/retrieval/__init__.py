@@ -12,11 +12,11 @@ Command line: ``python -m hf_mvam.retrieval index|search|evaluate --help``.
 """
 
 from .evaluation import DEFAULT_SHORTLIST_SIZES, evaluate, shortlist_recall
-from .gallery import DEFAULT_SHORTLIST_SIZE, RetrievalIndex, SearchResults, load_model
+from .gallery import DEFAULT_SHORTLIST_SIZE, RetrievalIndex, SearchResults, load_model, load_split
 from .index import EXACT_SEARCH_LIMIT, INDEX_TYPES, EmbeddingIndex
 from .rerank import pair_scores
 
 __all__ = [
     "DEFAULT_SHORTLIST_SIZE", "DEFAULT_SHORTLIST_SIZES", "EXACT_SEARCH_LIMIT", "INDEX_TYPES", "EmbeddingIndex",
-    "RetrievalIndex", "SearchResults", "evaluate", "load_model", "pair_scores", "shortlist_recall",
+    "RetrievalIndex", "SearchResults", "evaluate", "load_model", "load_split", "pair_scores", "shortlist_recall",
 ]

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from .evaluation import DEFAULT_SHORTLIST_SIZES
-from .gallery import DEFAULT_SHORTLIST_SIZE, RetrievalIndex, load_model
+from .gallery import DEFAULT_SHORTLIST_SIZE, RetrievalIndex, load_model, load_split
 from .index import INDEX_TYPES
 
 
@@ -70,24 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_gallery_split(args):
-    """The split to index or evaluate, and how to load it again (the index records it)."""
-    if args.data is None:
-        from ..data.splits import load_recorded_eval_split
-
-        folder = Path(args.mvam_model)
-        if not (folder / "training_args.json").is_file():
-            raise ValueError(f"{folder} has no training_args.json to find its test split in: pass --data")
-        return load_recorded_eval_split(folder)[0], {"model_folder": str(folder.resolve())}
-    from ..data.sources import load_image_caption_dataset
-
-    splits, _ = load_image_caption_dataset(args.data, image_root=args.image_root, image_column=args.image_column,
-                                           caption_column=args.caption_column)
-    if args.split not in splits:
-        raise ValueError(f"{args.data} has no {args.split!r} split; it has {sorted(splits)}")
-    data = str(Path(args.data).resolve()) if os.path.exists(args.data) else args.data
-    root = str(Path(args.image_root).resolve()) if args.image_root else None
-    return splits[args.split], {"data": data, "image_root": root, "image_column": args.image_column,
-                                "caption_column": args.caption_column, "split": args.split}
+    """The split to index or evaluate, and how to load it again (see :func:`load_split`)."""
+    return load_split(args.mvam_model, args.data, image_root=args.image_root, image_column=args.image_column,
+                      caption_column=args.caption_column, split=args.split)
 
 
 def _distributed() -> bool:

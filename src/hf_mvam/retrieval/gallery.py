@@ -35,7 +35,7 @@ from ..evaluation import _process_group, image_batches
 from .index import EmbeddingIndex
 from .rerank import pair_scores
 
-__all__ = ["DEFAULT_SHORTLIST_SIZE", "INDEX_CONFIG_NAME", "RetrievalIndex", "SearchResults", "load_model"]
+__all__ = ["DEFAULT_SHORTLIST_SIZE", "INDEX_CONFIG_NAME", "RetrievalIndex", "SearchResults", "load_model", "load_split"]
 
 INDEX_CONFIG_NAME = "retrieval_index.json"
 INDEX_FORMAT = "hf-mvam-retrieval-index"
@@ -194,9 +194,12 @@ class RetrievalIndex:
         _, probe = next(image_batches(split.select([0]), mvam_processor, 1, device))
         dim = mvam.encode_images(**probe).pooler_output.shape[1]
         arrays = {"image_embeddings": ((len(split), dim), np.float32), "caption_embeddings": ((len(captions), dim), np.float32)}
+        grid = None
         if uarda is not None:
             _, probe = next(image_batches(split.select([0]), uarda_processor, 1, device))
-            _, n_regions, frag_dim = uarda.encode_images(**probe).image_fragments.shape
+            probe = uarda.encode_images(**probe)
+            _, n_regions, frag_dim = probe.image_fragments.shape
+            grid = list(probe.grid_size) if probe.grid_size is not None else None
             length = max(len(ids) for ids in uarda_processor.tokenizer(captions, truncation=True)["input_ids"])
             arrays.update(
                 image_fragments=((len(split), n_regions, frag_dim), np.float32),
@@ -256,6 +259,7 @@ class RetrievalIndex:
                 "uarda_model": None if uarda_model is None else _recorded_path(uarda_model),
                 "num_images": len(split),
                 "num_captions": len(captions),
+                "region_grid": grid,  # (h, w) of the UARDA regions when they come from a vision grid
                 "source": source,
             }
             (partial / INDEX_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
@@ -356,6 +360,34 @@ class RetrievalIndex:
             options = {key: source.get(key) for key in ("image_root", "image_column", "caption_column")}
             return load_image_caption_dataset(source["data"], **options)[0][source["split"]]
         raise ValueError(f"{self.folder} records no data source it could load its images from")
+
+
+def load_split(mvam_model, data=None, *, image_root=None, image_column=None, caption_column=None, split="test"):
+    """A gallery split and how to load it again (what :meth:`RetrievalIndex.load_split` reads).
+
+    Without ``data``: the split the MVAM folder was evaluated on (its ``training_args.json``; the
+    built-in synthetic test set for a default ``training/run.py`` run). Otherwise split ``split``
+    of ``data``, loaded as ``training/run.py`` loads data.
+
+    Returns:
+        ``(split, source)``.
+    """
+    if data is None:
+        from ..data.splits import TRAINING_ARGS_NAME, load_recorded_eval_split
+
+        folder = Path(mvam_model)
+        if not (folder / TRAINING_ARGS_NAME).is_file():
+            raise ValueError(f"{folder} has no {TRAINING_ARGS_NAME} to find its test split in: pass --data")
+        return load_recorded_eval_split(folder)[0], {"model_folder": str(folder.resolve())}
+    from ..data.sources import load_image_caption_dataset
+
+    splits, _ = load_image_caption_dataset(data, image_root=image_root, image_column=image_column,
+                                           caption_column=caption_column)
+    if split not in splits:
+        raise ValueError(f"{data} has no {split!r} split; it has {sorted(splits)}")
+    source = {"data": _recorded_path(data), "image_root": None if image_root is None else _recorded_path(image_root),
+              "image_column": image_column, "caption_column": caption_column, "split": split}
+    return splits[split], source
 
 
 def _caption_numbers(text_to_image: torch.Tensor) -> list[tuple[int, int]]:

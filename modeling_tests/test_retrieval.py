@@ -117,10 +117,10 @@ def test_index_save_load_round_trip(tmp_path):
             assert np.array_equal(a, b)
 
 
-def test_index_bad_input():
+def test_embedding_index_bad_input():
     gallery = unit_rows(50, 8, 7)
     with pytest.raises(ValueError, match="unique; '3' appears more than once"):
-        EmbeddingIndex.build(gallery, [str(i % 40) for i in range(50)][:47] + ["3", "4", "5"])
+        EmbeddingIndex.build(gallery, [str(i) for i in range(49)] + ["3"])
     with pytest.raises(ValueError, match="index_type must be one of"):
         EmbeddingIndex.build(gallery, index_type="lsh")
     with pytest.raises(ValueError, match="NaN or infinite"):
@@ -259,6 +259,9 @@ def test_index_bad_input(folders, built_index, tmp_path):
         RetrievalIndex.build(built_index.folder, split, root / "mvam")
     with pytest.raises(ValueError, match="holds a 'uarda' model, expected 'mvam'"):
         RetrievalIndex.build(tmp_path / "x", split, root / "uarda")
+    with pytest.raises(FileExistsError, match="holds files but no index: not replacing it"):
+        RetrievalIndex.build(root / "mvam", split, root / "mvam", overwrite=True)  # a model folder is never replaced
+    assert (root / "mvam" / "config.json").is_file()
     with pytest.raises(ValueError, match="exactly one of texts and images"):
         built_index.search(k=3)
     mvam_only = RetrievalIndex.build(tmp_path / "mvam-only", split, root / "mvam")

@@ -173,6 +173,8 @@ class RetrievalIndex:
         rank, world = _process_group(distributed)
         if output_dir.exists() and not overwrite:
             raise FileExistsError(f"{output_dir} exists; pass overwrite=True (--overwrite_output_dir) to replace it")
+        if output_dir.exists() and any(output_dir.iterdir()) and not (output_dir / INDEX_CONFIG_NAME).is_file():
+            raise FileExistsError(f"{output_dir} holds files but no index: not replacing it (choose another output_dir)")
         if len(split) == 0:
             raise ValueError("the split has no images")
         ids = [str(i) for i in range(len(split))] if ids is None else [str(i) for i in ids]
@@ -200,7 +202,7 @@ class RetrievalIndex:
             probe = uarda.encode_images(**probe)
             _, n_regions, frag_dim = probe.image_fragments.shape
             grid = list(probe.grid_size) if probe.grid_size is not None else None
-            length = max(len(ids) for ids in uarda_processor.tokenizer(captions, truncation=True)["input_ids"])
+            length = max(len(tokens) for tokens in uarda_processor.tokenizer(captions, truncation=True)["input_ids"])
             arrays.update(
                 image_fragments=((len(split), n_regions, frag_dim), np.float32),
                 caption_fragments=((len(captions), length, frag_dim), np.float32),

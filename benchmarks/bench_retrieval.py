@@ -168,7 +168,7 @@ def quality_targets(results: dict) -> dict:
     within = {}
     for direction in ("i2t", "t2i"):
         full = results[f"uarda/{direction}_R@1"]
-        within[direction] = [k for k in QUALITY_SHORTLISTS if k <= 64 and results[f"two_stage@{k}/{direction}_R@1"] >= full - 0.5]
+        within[direction] = [k for k in QUALITY_SHORTLISTS if k <= 64 and abs(results[f"two_stage@{k}/{direction}_R@1"] - full) <= 0.5]
     both = sorted(set(within["i2t"]) & set(within["t2i"]))
     above = {}
     for direction in ("i2t", "t2i"):
@@ -191,7 +191,7 @@ def format_quality(quality: dict, tiny: bool) -> list[str]:
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {delta} |")
     targets = quality_targets(results)
     within = targets["within_half_a_point_at"]
-    lines += ["", f"- Two-stage R@1 within 0.5 points of UARDA on the whole gallery, both directions, at k <= 64: "
+    lines += ["", f"- Two-stage R@1 within ±0.5 points of UARDA on the whole gallery, both directions, at k <= 64: "
               f"{'MET at k = ' + ', '.join(map(str, within)) if within else 'MISSED'} "
               f"(per direction: i2t k = {targets['per_direction']['i2t'] or '-'}, t2i k = {targets['per_direction']['t2i'] or '-'})."]
     for direction, ks in targets["above_mvam_at"].items():

@@ -1,0 +1,74 @@
+"""The search page (demo/app.py) in a real browser: headless Chromium driven by playwright types a
+query into the page served on 127.0.0.1 and checks that the result images and both attention
+panels render. Skipped, with the reason, where Chromium or playwright is missing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from test_retrieval import make_tiny_folders
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+QUERY = "a small red circle left of a blue square"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium browser (Debian: apt-get install -y chromium)")
+def test_search_page_shows_results_and_attention_panels(tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    make_tiny_folders(tmp_path)
+    port = _free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    server = subprocess.Popen(
+        [sys.executable, str(REPO / "demo" / "app.py"), str(tmp_path / "mvam"), "--uarda_model", str(tmp_path / "uarda"),
+         "--data", str(tmp_path / "data"), "--index_dir", str(tmp_path / "index"), "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert server.poll() is None, f"the app exited:\n{server.stdout.read()[-3000:]}"
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, "the app did not start serving within 180 s"
+                time.sleep(0.5)
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(url)
+            page.locator("#query textarea").fill(QUERY)
+            page.locator("#search").click()
+            loaded = "s => { const i = document.querySelector(s); return !!i && i.complete && i.naturalWidth > 0; }"
+            for rank in range(4):  # every result: the image, MVAM's views, UARDA's words
+                for panel in ("result", "views", "words"):
+                    page.wait_for_function(loaded, arg=f"#{panel}-{rank} img", timeout=60_000)
+            sizes = {panel: page.eval_on_selector(f"#{panel}-0 img", "i => [i.naturalWidth, i.naturalHeight]")
+                     for panel in ("result", "views", "words")}
+            assert sizes["views"][0] > 300 and sizes["words"][0] > 300, sizes  # figures, not icons
+            status = page.inner_text("#status")
+            assert QUERY in status and "reranked by UARDA" in status, status
+            assert page.inner_text("#caption-0").startswith("1. image")
+            page.screenshot(path=str(tmp_path / "screenshot.png"), full_page=True)
+            browser.close()
+        assert (tmp_path / "screenshot.png").stat().st_size > 10_000
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

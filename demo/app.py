@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hf_mvam.image_loading import load_image
 from hf_mvam.retrieval import RetrievalIndex, load_split
 from hf_mvam.visualization import plot_view_attention, plot_word_region_attention
 
@@ -112,7 +113,7 @@ class SearchPage:
         outputs = []
         stamp = time.time_ns()
         for rank, (image_id, position, score) in enumerate(zip(hits.ids[0], hits.positions[0], hits.scores[0])):
-            image = self.split[int(position)]["image"]
+            image = load_image(self.split[int(position)]["image"])  # the loaders keep images undecoded
             views = self._views_figure(image, query_views, self.figures / f"{stamp}-views-{rank}.png")
             words = None
             if self.index.uarda is not None:

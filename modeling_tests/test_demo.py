@@ -72,3 +72,35 @@ def test_search_page_shows_results_and_attention_panels(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def _load_app():
+    """demo/app.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hf_mvam_demo_app", REPO / "demo" / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_search_page_draws_every_result_of_a_query(tmp_path):
+    """What the page does on a query, without a browser: every result slot gets the gallery image
+    and both attention figures, in the order the index ranks them."""
+    from PIL import Image
+
+    app = _load_app()
+    make_tiny_folders(tmp_path)
+    args = app.parse_arguments([str(tmp_path / "mvam"), "--uarda_model", str(tmp_path / "uarda"),
+                                "--data", str(tmp_path / "data"), "--index_dir", str(tmp_path / "index")])
+    page = app.SearchPage(app.open_index(args))
+    outputs = page.search(QUERY, True)
+    assert len(outputs) == 5 * app.RESULTS + 1 and QUERY in outputs[-1] and "reranked by UARDA" in outputs[-1]
+    hits = page.index.search(texts=[QUERY], k=app.RESULTS, shortlist_size=app.SHORTLIST)
+    for rank in range(app.RESULTS):
+        _, caption, image, views, words = outputs[5 * rank : 5 * rank + 5]
+        assert caption.startswith(f"**{rank + 1}.** image `{hits.ids[0][rank]}`")
+        assert isinstance(image, Image.Image) and image.width >= 128  # small images are shown enlarged
+        for figure in (views, words):
+            with Image.open(figure) as drawn:
+                assert drawn.width > 300

@@ -191,7 +191,9 @@ def build_app(index: RetrievalIndex) -> gr.Blocks:
 def main(argv=None):
     args = parse_arguments(argv)
     app = build_app(open_index(args))
-    app.launch(server_name=args.host, server_port=args.port, allowed_paths=[tempfile.gettempdir()])
+    # No allowed_paths: gradio serves every file under those to every visitor. The figures, written
+    # to the temp folder, reach the page through gradio's cache like any returned file.
+    app.launch(server_name=args.host, server_port=args.port)
 
 
 if __name__ == "__main__":

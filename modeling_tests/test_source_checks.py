@@ -195,6 +195,23 @@ def test_data_files_and_hub_paths_are_confined(tmp_path, secret, guard, monkeypa
     assert guard == []
 
 
+def test_streaming_reads_data_files_of_unknown_features(tmp_path):
+    """A streamed CSV/JSON folder has no features until it is read (datasets' features is None):
+    its path column is read all the same."""
+    from hf_mvam.streaming import load_streaming_splits
+
+    folder = tmp_path / "csv_stream"
+    for name, colour in (("a.png", (200, 30, 30)), ("b.png", (30, 200, 30))):
+        png(folder / name, colour)
+    lines = ["image,text", f"{folder / 'a.png'},red", f"{folder / 'b.png'},green"]
+    for split in ("train", "validation", "test"):  # more CSVs than PNGs: read as CSV
+        (folder / f"{split}.csv").write_text("\n".join(lines) + "\n")
+    train, evaluation = load_streaming_splits(str(folder))
+    assert sorted((pair["caption"], pair["image"].getpixel((0, 0))) for pair in train) == [
+        ("green", (30, 200, 30)), ("red", (200, 30, 30))]
+    assert evaluation["test"]["captions"] == [["red"], ["green"]]
+
+
 # --- Refused before training, with one line ---------------------------------------------------
 
 

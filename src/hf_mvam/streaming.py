@@ -80,7 +80,7 @@ class StreamedPairs(torch.utils.data.IterableDataset):
     seed gives the same pairs. DataLoader workers each read their own shards of the stream."""
 
     def __init__(self, stream: datasets.IterableDataset, image_column: str, caption_column: str, seed: int):
-        self.stream = stream.cast_column(image_column, datasets.Image(decode=False))
+        self.stream = _undecoded(stream, image_column)
         self.image_column, self.caption_column, self.seed = image_column, caption_column, seed
         self.epoch = 0
 
@@ -114,11 +114,21 @@ def _columns(split: datasets.IterableDataset, image_column: str | None, caption_
     return image, caption
 
 
+def _undecoded(split: datasets.IterableDataset, image_column: str) -> datasets.IterableDataset:
+    """``split`` with an ``Image`` column left undecoded (``load_image`` decodes it). A stream of
+    CSV or JSON files has no features before it is read: its column holds plain values (paths)."""
+    if split.features is not None and isinstance(split.features.get(image_column), datasets.Image):
+        return split.cast_column(image_column, datasets.Image(decode=False))
+    return split
+
+
 def _usable(row: dict, image_column: str, caption_column: str):
     """``(RGB image, non-empty captions)`` of a row, or ``None`` (with a warning) when it has none."""
     value = row[caption_column]
     captions = [c.strip() for c in (value if isinstance(value, list) else [value]) if isinstance(c, str) and c.strip()]
     image = row[image_column]
+    if isinstance(image, str):  # a path column
+        image = {"bytes": None, "path": image}
     name = image.get("path") if isinstance(image, dict) else None
     try:
         image = load_image(image, name=name)
@@ -134,7 +144,7 @@ def _usable(row: dict, image_column: str, caption_column: str):
 def _read_whole(split: datasets.IterableDataset, name: str, image_column: str, caption_column: str,
                 max_samples: int | None) -> datasets.Dataset:
     """An evaluation split read from the stream into memory (its first ``max_samples`` images)."""
-    split = split.cast_column(image_column, datasets.Image(decode=False))
+    split = _undecoded(split, image_column)
     if max_samples is not None:
         split = split.take(max_samples)
     images, captions = [], []

@@ -61,8 +61,8 @@ def parse_arguments(argv=None):
 
 
 def open_index(args) -> RetrievalIndex:
-    """The gallery's index: opened from ``--index_dir`` when it was built from the same models and
-    data, else built there."""
+    """The gallery's index: opened from ``--index_dir`` when it was built from the same models (and
+    weights) and data, else built there."""
     split, source = load_split(args.mvam_model, args.data, image_root=args.image_root, image_column=args.image_column,
                                caption_column=args.caption_column, split=args.split)
     wanted = {"mvam_model": _absolute(args.mvam_model), "uarda_model": _absolute(args.uarda_model), "source": source}
@@ -72,7 +72,10 @@ def open_index(args) -> RetrievalIndex:
     if config.is_file():
         recorded = json.loads(config.read_text())
         if {key: recorded.get(key) for key in wanted} == wanted:
-            return RetrievalIndex.load(folder)
+            try:
+                return RetrievalIndex.load(folder)
+            except ValueError as stale:  # e.g. a model folder trained again since
+                print(f"building the index again: {stale}", flush=True)
     print(f"indexing {len(split)} images into {folder}", flush=True)
     return RetrievalIndex.build(folder, split, args.mvam_model, args.uarda_model, source=source, overwrite=True, progress=True)
 

@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -129,3 +130,28 @@ def test_search_page_draws_every_result_of_a_query(tmp_path):
         for figure in (views, words):
             with Image.open(figure) as drawn:
                 assert drawn.width > 300
+
+
+def test_search_page_indexes_a_model_trained_again(tmp_path):
+    """The kept index is built again when the model folder holds other weights than it was built
+    with (the same paths and data otherwise), so queries never meet another model's embeddings."""
+    import torch
+
+    from hf_mvam import MVAMModel
+    from hf_mvam.retrieval import RetrievalIndex, load_split
+
+    app = _load_app()
+    make_tiny_folders(tmp_path)
+    args = app.parse_arguments([str(tmp_path / "mvam"), "--data", str(tmp_path / "data"),
+                                "--index_dir", str(tmp_path / "index")])
+    app.open_index(args)
+    model = MVAMModel.from_pretrained(tmp_path / "mvam")
+    with torch.no_grad():
+        model.image_views.view_projection.mul_(-1.0)  # "trained again": other image embeddings
+    model.save_pretrained(tmp_path / "mvam")
+    again = app.open_index(args)
+    split, _ = load_split(tmp_path / "mvam", tmp_path / "data")
+    fresh = RetrievalIndex.build(tmp_path / "fresh", split, tmp_path / "mvam")
+    found, expected = again.search(texts=[QUERY], k=5), fresh.search(texts=[QUERY], k=5)
+    assert found.ids == expected.ids
+    np.testing.assert_allclose(found.scores, expected.scores, rtol=0, atol=1e-6)

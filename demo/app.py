@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hf_mvam.image_loading import load_image
 from hf_mvam.retrieval import RetrievalIndex, load_split
 from hf_mvam.visualization import plot_view_attention, plot_word_region_attention
 
@@ -60,8 +61,8 @@ def parse_arguments(argv=None):
 
 
 def open_index(args) -> RetrievalIndex:
-    """The gallery's index: opened from ``--index_dir`` when it was built from the same models and
-    data, else built there."""
+    """The gallery's index: opened from ``--index_dir`` when it was built from the same models (and
+    weights) and data, else built there."""
     split, source = load_split(args.mvam_model, args.data, image_root=args.image_root, image_column=args.image_column,
                                caption_column=args.caption_column, split=args.split)
     wanted = {"mvam_model": _absolute(args.mvam_model), "uarda_model": _absolute(args.uarda_model), "source": source}
@@ -71,7 +72,10 @@ def open_index(args) -> RetrievalIndex:
     if config.is_file():
         recorded = json.loads(config.read_text())
         if {key: recorded.get(key) for key in wanted} == wanted:
-            return RetrievalIndex.load(folder)
+            try:
+                return RetrievalIndex.load(folder)
+            except ValueError as stale:  # e.g. a model folder trained again since
+                print(f"building the index again: {stale}", flush=True)
     print(f"indexing {len(split)} images into {folder}", flush=True)
     return RetrievalIndex.build(folder, split, args.mvam_model, args.uarda_model, source=source, overwrite=True, progress=True)
 
@@ -112,7 +116,7 @@ class SearchPage:
         outputs = []
         stamp = time.time_ns()
         for rank, (image_id, position, score) in enumerate(zip(hits.ids[0], hits.positions[0], hits.scores[0])):
-            image = self.split[int(position)]["image"]
+            image = load_image(self.split[int(position)]["image"])  # the loaders keep images undecoded
             views = self._views_figure(image, query_views, self.figures / f"{stamp}-views-{rank}.png")
             words = None
             if self.index.uarda is not None:
@@ -190,7 +194,9 @@ def build_app(index: RetrievalIndex) -> gr.Blocks:
 def main(argv=None):
     args = parse_arguments(argv)
     app = build_app(open_index(args))
-    app.launch(server_name=args.host, server_port=args.port, allowed_paths=[tempfile.gettempdir()])
+    # No allowed_paths: gradio serves every file under those to every visitor. The figures, written
+    # to the temp folder, reach the page through gradio's cache like any returned file.
+    app.launch(server_name=args.host, server_port=args.port)
 
 
 if __name__ == "__main__":

@@ -352,3 +352,20 @@ def test_command_line_end_to_end(folders, tmp_path, capsys):
     assert "has no 'train' split; it has ['test']" in error and "Traceback" not in error
     assert "has no training_args.json" in cli_error("index", "--mvam_model", root / "mvam", "--output_dir", tmp_path / "i2")
     assert "give text queries or --images" in cli_error("search", index)
+
+
+def test_an_index_of_other_weights_is_refused(folders, tmp_path):
+    """An index holds one model's embeddings: once the model folder holds other weights (trained
+    again), opening the index is an error, not a search of old embeddings with new queries."""
+    import shutil
+
+    root, split = folders
+    shutil.copytree(root / "mvam", tmp_path / "mvam")
+    RetrievalIndex.build(tmp_path / "index", split, tmp_path / "mvam")
+    assert len(RetrievalIndex.load(tmp_path / "index")) == NUM_IMAGES  # the same weights: fine
+    model = MVAMModel.from_pretrained(tmp_path / "mvam")
+    with torch.no_grad():
+        model.image_views.view_projection.mul_(1.5)
+    model.save_pretrained(tmp_path / "mvam")
+    with pytest.raises(ValueError, match=r"was built with other weights of .*mvam: build it again"):
+        RetrievalIndex.load(tmp_path / "index")

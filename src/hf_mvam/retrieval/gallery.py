@@ -2,7 +2,8 @@
 
 An index folder (written by :meth:`RetrievalIndex.build`, read by :meth:`RetrievalIndex.load`)::
 
-    retrieval_index.json     what it holds: the models it was built with, counts, the data source
+    retrieval_index.json     what it holds: the models it was built with (and a digest of their
+                             weights), counts, the data source
     images.faiss             MVAM image embeddings (EmbeddingIndex), images_ids.json beside it
     captions.faiss           MVAM caption embeddings, captions_ids.json ("<image id>#<k>")
     captions.json            every caption's text and the position of its image
@@ -18,6 +19,7 @@ fragments from disk. Text queries find images; image queries find captions.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -61,6 +63,16 @@ def load_model(name_or_path: str | os.PathLike, model_type: str, device=None):
     return model, processor_class.from_pretrained(str(name_or_path))
 
 
+def weights_digest(model) -> str:
+    """The sha256 of a model's weights and buffers: an index is valid for the weights it was built
+    with only (a folder trained again holds the same config, other embeddings)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 @dataclass
 class SearchResults:
     """Results of :meth:`RetrievalIndex.search`, best first.
@@ -95,6 +107,10 @@ class RetrievalIndex:
         self.uarda = self.uarda_processor = None
         if self.config["uarda_model"] is not None:
             self.uarda, self.uarda_processor = load_model(self.config["uarda_model"], "uarda", device)
+        for kind, model in (("mvam", self.mvam), ("uarda", self.uarda)):
+            if model is not None and self.config.get(f"{kind}_weights") != weights_digest(model):
+                raise ValueError(f"{self.folder} was built with other weights of {self.config[f'{kind}_model']}: "
+                                 "build it again (RetrievalIndex.build, or python -m hf_mvam.retrieval index)")
         self.images = EmbeddingIndex.load(self.folder, "images")
         self.captions = EmbeddingIndex.load(self.folder, "captions")
         if self.images.dim != self._embedding_dim(self.mvam):
@@ -259,6 +275,8 @@ class RetrievalIndex:
                 "version": INDEX_VERSION,
                 "mvam_model": _recorded_path(mvam_model),
                 "uarda_model": None if uarda_model is None else _recorded_path(uarda_model),
+                "mvam_weights": weights_digest(mvam),
+                "uarda_weights": None if uarda is None else weights_digest(uarda),
                 "num_images": len(split),
                 "num_captions": len(captions),
                 "region_grid": grid,  # (h, w) of the UARDA regions when they come from a vision grid

@@ -13,6 +13,9 @@ Contenders, measured side by side in ONE process (``torch.set_num_threads(2)``):
     mode: a word with no region above the threshold costs one max and scores its penalty).
 (d) ``similarity GEMMs alone`` — only the word–region similarity products of (b) (same chunks,
     same GEMM kernel): the floor of any exact scorer, printed to show where the time goes.
+(e) with ``--baseline FILE``: another version of ``cross_attention.py`` (e.g. an older commit's,
+    ``git show <commit>:src/hf_mvam/cross_attention.py > /tmp/before.py``), timed in both modes
+    beside (b) and (c): the before/after comparison of a change to the scorer.
 
 Data: synthetic fragments with structure (no real features offline). A bank of concepts with a
 Zipf popularity; each image has 36 regions, noisy copies of concepts; each caption (5 per image,
@@ -29,8 +32,9 @@ NAAF's choice) best similarities of every real word fed to ``update`` (α = 2, 0
 How much uarda mode saves depends on how many word queries the threshold skips, so uarda mode is
 also timed at a few fixed, higher thresholds (``--sweep``): the speed / skipped-fraction trade-off.
 
-Shapes: Flickr30K test (1,000 images × 5,000 captions, 36 regions, 12 word slots) at D = 256
-(D = 1024 is too slow on a 2-core CPU; every contender's matmuls scale with D).
+Shapes: Flickr30K test (1,000 images × 5,000 captions, 36 regions, 12 word slots), D = 256 by
+default (``--dim``; at D = 1024 the reference takes several minutes a round on 2 cores, so time a
+subset of the caption shards there).
 
 Timing protocol (the machine is shared and noisy): the contenders run one after the other on the
 whole gallery, ``--repeats`` alternating rounds, and each keeps its best round (about 100 s a round
@@ -52,7 +56,8 @@ counts.
 peak RSS of the whole process (``ru_maxrss``) must stay under 4 GB. ``--tiny``: everything in a
 few seconds (used by the tests).
 
-Run: ``cd /work/main && PYTHONPATH=src .venv/bin/python benchmarks/bench_uarda_scorer.py``
+Run: ``.venv/bin/python benchmarks/bench_uarda_scorer.py [--dim 1024 --caption-shards 8]
+[--baseline /tmp/before.py]``
 """
 
 from __future__ import annotations
@@ -74,21 +79,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def _load_cross_attention():
-    """hf_mvam/cross_attention.py is a standalone remote-code file (torch + stdlib only): load it
-    directly, without the package __init__ and its transformers import, so the benchmark starts
-    fast."""
-    path = Path(__file__).resolve().parents[1] / "src" / "hf_mvam" / "cross_attention.py"
-    spec = importlib.util.spec_from_file_location("hf_mvam_cross_attention", path)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from hf_mvam import cross_attention as xattn  # noqa: E402
+from hf_mvam.cross_attention import cross_attention_scores  # noqa: E402
+from hf_mvam.modeling_uarda import RelevanceThreshold, relevance_samples  # noqa: E402
+
+
+def load_scorer_file(path):
+    """A standalone ``cross_attention.py`` (torch and stdlib only) as a module of its own."""
+    spec = importlib.util.spec_from_file_location("baseline_cross_attention", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-xattn = _load_cross_attention()
-RelevanceThreshold = xattn.RelevanceThreshold
-cross_attention_scores = xattn.cross_attention_scores
-relevance_samples = xattn.relevance_samples
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LAMBDA_SOFTMAX, LAMBDA_LSE = 9.0, 6.0
@@ -324,21 +326,15 @@ def recall_sum(scores, captions_per_image=5):
 
 def similarity_only(images, captions, mask, memory_budget_mb):
     """(d) Only the word–region similarity GEMMs of our scan-mode scorer: same chunks (captions
-    sorted by length, images by 32), same kernel (oneDNN when available), nothing else."""
+    sorted by length), same GEMM helper, nothing else."""
     n_img, n_reg, dim = images.shape
-    ci, _, max_elements = xattn._plan_chunks(n_img, n_reg, captions.shape[1], None,
-                                             memory_budget_mb, 4, "scan")
-    length = xattn._effective_lengths(mask)
-    order = torch.argsort(length, stable=True)
-    chunks = xattn._caption_chunks(length[order].tolist(), ci * n_reg, None, max_elements)
-    operands = [xattn._region_operand(images[i0:i0 + ci].reshape(-1, dim),
-                                      max_elements // (ci * n_reg), True)
-                for i0 in range(0, n_img, ci)]
+    order, lengths = xattn._sort_by_length(images, captions, mask.bool(), None)
+    ci, chunks = xattn._plan_chunks(n_img, n_reg, lengths, None, memory_budget_mb, 4)
     sink = 0.0
     for t0, t1, n_len in chunks:
         words = captions[order[t0:t1], :n_len].reshape(-1, dim)  # [ct*Lc, D]
-        for regions in operands:
-            sink += float(xattn._similarity(words, regions)[0, 0])
+        for i0 in range(0, n_img, ci):
+            sink += float(xattn._similarities(words, images[i0:i0 + ci].reshape(-1, dim))[0, 0])
     return sink
 
 
@@ -365,8 +361,8 @@ def run_gallery(args):
     images_np, sub_np = images.numpy(), sub_caps.numpy()  # SCAN's evaluation takes numpy
     sub_lens = sub_mask.sum(1).tolist()
 
-    def ours(mode, caps, msk, t=threshold):  # uarda mode at its own default λ (NAAF's 20)
-        return cross_attention_scores(
+    def ours(mode, caps, msk, t=threshold, scorer=cross_attention_scores):  # uarda: NAAF's λ 20
+        return scorer(
             images, caps, msk, direction="t2i", aggregation="lse",
             lambda_softmax=LAMBDA_SOFTMAX if mode == "scan" else None, lambda_lse=LAMBDA_LSE,
             threshold_mode=mode, skip_irrelevant_queries=True,
@@ -380,13 +376,17 @@ def run_gallery(args):
     }
     for t in args.sweep:
         contenders[f"uarda t={t:.2f}"] = lambda t=t: ours("uarda", sub_caps, sub_mask, t)
+    if args.baseline is not None:
+        before = load_scorer_file(args.baseline).cross_attention_scores
+        for mode in ("scan", "uarda"):
+            contenders[f"baseline {mode}"] = lambda mode=mode: ours(mode, sub_caps, sub_mask, scorer=before)
     def kept(name, out):
         """What a round's result is kept for (every row's peak RSS includes what is kept): the
         reference's scores in float32 (its float64 matrix holds float32 values), our modes' scores
         and stats, the sweep's stats alone."""
         if name == "reference":
             return torch.from_numpy(out).float()  # [N_i, cols]
-        return (None, out[1]) if name.startswith("uarda t=") else out
+        return (None, out[1]) if name.startswith("uarda t=") else out  # baselines: scores for the diff
 
     best = {}
     with torch.no_grad():
@@ -406,6 +406,8 @@ def run_gallery(args):
     ref_sub = best["reference"][2].double()  # [N_i, cols]
     diff = {mode: float((full[mode][2][0][:, :cols].double() - ref_sub).abs().max())
             for mode in ("scan", "uarda")}
+    for name in [n for n in best if n.startswith("baseline ")]:
+        diff[name] = float((best[name][2][0].double() - ref_sub).abs().max())
     t_ref = best["reference"][0] * scale
 
     def mb(x):
@@ -435,6 +437,13 @@ def run_gallery(args):
     ]
     rows += [row(f"ours, uarda mode at a fixed t={t:.2f} (sweep)", f"uarda t={t:.2f}",
                  skipped=best[f"uarda t={t:.2f}"][2][1]["t2i_skipped_fraction"]) for t in args.sweep]
+    baseline = {}
+    if args.baseline is not None:
+        for mode in ("scan", "uarda"):
+            name = f"baseline {mode}"
+            rows.append(row(f"baseline ({args.baseline.name}), {mode} mode", name,
+                            skipped=best[name][2][1].get("t2i_skipped_fraction"), diff_ref=diff[name]))
+            baseline[f"ours_{mode}_vs_baseline"] = best[name][0] / best[mode][0]
     t_scan, t_uarda = rows[1]["seconds"], rows[2]["seconds"]
     targets = {
         "ours (scan mode) >= 10x faster than the reference": t_ref / t_scan >= 10.0,
@@ -452,14 +461,14 @@ def run_gallery(args):
             timed_caption_shards=f"{timed_shards}/{n_cap_shards}", extrapolation=scale,
             load_average_before=load_before, load_average_after=load_after,
             torch=torch.__version__, machine=platform.machine(), cpu=cpu_description(),
-            onednn_gemm=bool(xattn._ONEDNN_STATE["ok"])),
+            baseline=None if args.baseline is None else str(args.baseline)),
         threshold=dict(
             value=threshold, relevant_mean=float(est.relevant_mean),
             relevant_std=float(est.relevant_std), irrelevant_mean=float(est.irrelevant_mean),
             irrelevant_std=float(est.irrelevant_std), updates=int(est.num_updates)),
         rows=rows,
         ratios=dict(ours_scan_vs_reference=t_ref / t_scan, ours_uarda_vs_reference=t_ref / t_uarda,
-                    uarda_vs_scan=t_scan / t_uarda),
+                    uarda_vs_scan=t_scan / t_uarda, **baseline),
         targets=targets,
     )
 
@@ -488,8 +497,7 @@ def format_gallery(result):
         f"batches of 128: relevant {th['relevant_mean']:.3f} ± {th['relevant_std']:.3f}, "
         f"irrelevant {th['irrelevant_mean']:.3f} ± {th['irrelevant_std']:.3f}, α = 2). "
         f"Chunks: scan {s['chunk_size'][0]} images x <= {s['chunk_size'][1]} captions, uarda "
-        f"{s['uarda_chunk_size'][0]} x <= {s['uarda_chunk_size'][1]}; oneDNN GEMM: "
-        f"{s['onednn_gemm']}. Load average before/after: "
+        f"{s['uarda_chunk_size'][0]} x <= {s['uarda_chunk_size'][1]}. Load average before/after: "
         f"{s['load_average_before'][0]:.2f} / {s['load_average_after'][0]:.2f}.",
         "",
         "| contender | seconds (gallery) | speed-up vs reference | "
@@ -523,7 +531,12 @@ def format_gallery(result):
                      f"scan mode {scan_full:.2f} s: {scan_full / uarda_full:.2f}x.")
     t_scan = result["rows"][1]["seconds"]
     lines += [f"{r['contender']} vs scan mode: {t_scan / r['seconds']:.2f}x "
-              f"({100 * r['skipped_word_queries']:.1f} % of word queries skipped)." for r in result["rows"][4:]]
+              f"({100 * r['skipped_word_queries']:.1f} % of word queries skipped)." for r in result["rows"][4:]
+              if "sweep" in r["contender"]]
+    for mode in ("scan", "uarda"):
+        if f"ours_{mode}_vs_baseline" in ratios:
+            lines.append(f"ours vs the baseline, {mode} mode: {ratios[f'ours_{mode}_vs_baseline']:.2f}x "
+                         "(baseline seconds / ours; below 1: ours is slower).")
     lines.append("")
     for name, ok in result["targets"].items():
         lines.append(f"- target {name}: {'MET' if ok else 'MISSED'}")
@@ -599,6 +612,8 @@ def main(argv=None):
     p.add_argument("--sweep", type=float, nargs="*", default=[0.4, 0.55, 0.7],
                    help="fixed thresholds at which uarda mode is also timed (speed vs skipped queries)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--baseline", type=Path, default=None,
+                   help="another cross_attention.py to time beside this one (before/after a change)")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

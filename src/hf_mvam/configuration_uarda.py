@@ -6,10 +6,8 @@ from transformers import PretrainedConfig
 
 from .backbones import DEFAULT_TEXT_CONFIG, DEFAULT_VISION_CONFIG, resolve_backbone_config
 from .config_checks import check_number
+from .cross_attention import AGGREGATIONS, DIRECTIONS, THRESHOLD_MODES
 
-THRESHOLD_MODES = ("scan", "uarda")
-DIRECTIONS = ("t2i", "i2t", "both")
-AGGREGATIONS = ("lse", "mean")
 MAX_THRESHOLD_SAMPLES = 1 << 20
 
 
@@ -37,16 +35,16 @@ class UARDAConfig(PretrainedConfig):
             its own similarities give.
         direction (`str`, defaults to ``"t2i"``): ``"t2i"``, ``"i2t"`` or ``"both"`` (summed).
         aggregation (`str`, defaults to ``"lse"``): pooling over queries, ``"lse"`` (SCAN's t2i
-            setting) or ``"mean"`` (NAAF's). Trained from scratch on the synthetic benchmark,
-            ``"mean"`` lifted scan mode's rSum from 62 to 200 (benchmarks/results/uarda_training.md).
+            setting) or ``"mean"`` (NAAF's; it trains randomly initialised towers far better,
+            see benchmarks/README.md).
         lambda_softmax (`float`, *optional*): attention inverse temperature. Default: SCAN's 9
             (t2i) / 4 (i2t) in scan mode, NAAF's 20 (t2i; i2t keeps 4) in uarda mode.
         lambda_lse (`float`, *optional*): LogSumExp factor (SCAN: 6 t2i, 5 i2t).
         margin (`float`, defaults to 0.2): hinge margin of the triplet loss.
         max_violation (`bool`, defaults to `False`):
             Only the hardest in-batch negative counts (SCAN's setting, meant for pretrained region
-            features); `False` sums over all negatives, which is what learns from random towers
-            (measured: hardest-only stayed at rSum 12 after 300 steps on the synthetic benchmark).
+            features); `False` sums over all negatives, which is what learns from randomly
+            initialised towers (benchmarks/README.md).
         threshold_alpha (`float`, defaults to 2.0):
             The threshold solves N(t; relevant) = alpha * N(t; irrelevant) (NAAF).
         threshold_momentum (`float`, defaults to 0.7): weight of a new estimate in the update.

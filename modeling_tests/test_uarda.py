@@ -228,6 +228,8 @@ CAPTIONS4 = ["a red circle", "a small green star above a large yellow triangle",
         ({"max_violation": "no"}, "max_violation"),
         ({"threshold_min_samples": 10**9}, "threshold_min_samples"),
         ({"embed_dim": True}, "embed_dim"),
+        ({"retrieval_threshold": 1.5}, "retrieval_threshold"),
+        ({"retrieval_threshold": float("nan")}, "retrieval_threshold"),
     ],
 )
 def test_config_validation_names_the_field(kwargs, field):
@@ -474,3 +476,39 @@ def test_training_steps_read_no_tensor_values(tiny_tokenizer, uarda_processor, m
             optimizer.step()
     assert int(model.relevance_threshold.num_updates) > 0  # the update ran inside the guard
 
+
+def test_retrieval_threshold_is_used_in_eval_mode_only(tiny_tokenizer, uarda_processor, tmp_path):
+    """config.retrieval_threshold: eval mode scores (and reports, and draws) uarda mode at that
+    threshold, as cross_attention_scores does when given it; training scores with the learned
+    threshold, which the retrieval threshold never changes."""
+    model = tiny_uarda(tiny_tokenizer, threshold_mode="uarda", direction="both", retrieval_threshold=0.2)
+    model.relevance_threshold.threshold.fill_(0.05)
+    batch = uarda_processor(text=CAPTIONS4, images=images(3))
+    with torch.no_grad():
+        image_encoding = model.encode_images(batch["pixel_values"])
+        text_encoding = model.encode_texts(batch["input_ids"], batch["attention_mask"])
+        fragments = (image_encoding.image_fragments, text_encoding.text_fragments, text_encoding.text_mask)
+
+        def uarda_scores(threshold, skip, **kwargs):
+            return cross_attention_scores(*fragments, direction="both", threshold_mode="uarda", threshold=threshold,
+                                          skip_irrelevant_queries=skip, **kwargs)
+
+        got, stats = model.score(image_encoding, text_encoding, return_stats=True)
+        torch.testing.assert_close(got, uarda_scores(0.2, True), rtol=0, atol=0)
+        assert not torch.allclose(got, uarda_scores(0.05, True))
+        _, stats_learned = uarda_scores(0.05, True, return_stats=True)
+        assert stats["t2i_skipped_fraction"] > stats_learned["t2i_skipped_fraction"]  # the trade: more skipped
+        out = model(**batch)
+        assert out.threshold.item() == pytest.approx(0.2)
+        torch.testing.assert_close(out.logits_per_image, got)
+        regions, words, mask = fragments[0][0], fragments[1][0], fragments[2][0]
+        _, relevant = model.word_region_attention(regions, words, mask)
+        assert torch.equal(relevant, (words @ regions.T > 0.2) & mask[:, None])
+        # Training mode: the learned threshold, in the training form.
+        model.train()
+        torch.testing.assert_close(model.score(image_encoding, text_encoding), uarda_scores(0.05, False))
+    assert model(**batch).threshold.item() == pytest.approx(0.05)
+    assert model.relevance_threshold.threshold.item() == pytest.approx(0.05)  # untouched throughout
+    model.eval().save_pretrained(tmp_path)
+    loaded = UARDAModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.retrieval_threshold == 0.2 and loaded.scoring_threshold().item() == pytest.approx(0.2)

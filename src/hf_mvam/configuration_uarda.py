@@ -51,6 +51,12 @@ class UARDAConfig(PretrainedConfig):
         threshold_min_samples (`int`, defaults to 256): word samples collected before the first fit
             (at most 2^20; the sample buffers hold max(2048, this) words each).
         initial_threshold (`float`, defaults to 0.0): SCAN's zero until the first fit.
+        retrieval_threshold (`float`, *optional*):
+            The threshold uarda mode scores with in eval mode (retrieval); ``None`` uses the
+            learned one. Training always uses and updates the learned threshold, which this field
+            never changes. A higher value skips more word queries (faster, and further from the
+            trained scores); NAAF's test-time value is ``μ+ − 3σ+`` of the relevant similarities,
+            i.e. ``model.relevance_threshold.relevant_mean - 3 * model.relevance_threshold.relevant_std``.
     """
 
     model_type = "uarda"
@@ -73,6 +79,7 @@ class UARDAConfig(PretrainedConfig):
         threshold_momentum: float = 0.7,
         threshold_min_samples: int = 256,
         initial_threshold: float = 0.0,
+        retrieval_threshold: float | None = None,
         initializer_range: float = 0.02,
         **kwargs,
     ):
@@ -94,6 +101,7 @@ class UARDAConfig(PretrainedConfig):
         self.threshold_momentum = threshold_momentum
         self.threshold_min_samples = threshold_min_samples
         self.initial_threshold = initial_threshold
+        self.retrieval_threshold = retrieval_threshold
         self.initializer_range = initializer_range
         super().__init__(**kwargs)
         self.validate_uarda()
@@ -116,6 +124,7 @@ class UARDAConfig(PretrainedConfig):
         # Sizes the relevance sample buffers (two float32 rings of at least this many words).
         check_number("threshold_min_samples", self.threshold_min_samples, minimum=2, maximum=MAX_THRESHOLD_SAMPLES, integer=True)
         check_number("initial_threshold", self.initial_threshold, minimum=-1, maximum=1)
+        check_number("retrieval_threshold", self.retrieval_threshold, minimum=-1, maximum=1, optional=True)
         check_number("initializer_range", self.initializer_range, minimum=0, exclusive_minimum=True)
 
     def to_dict(self):

@@ -333,8 +333,9 @@ class UARDAOutput(ModelOutput):
         loss: triplet loss over in-batch negatives (with ``return_loss``).
         logits_per_image: [N_images, N_texts] cross-attention scores.
         logits_per_text: [N_texts, N_images], the transpose.
-        threshold: the relevance threshold these scores used (0-d): the learned one before this
-            call's update in uarda mode, SCAN's 0 in scan mode.
+        threshold: the relevance threshold these scores used (0-d): in uarda mode the learned one
+            before this call's update (``config.retrieval_threshold`` instead in eval mode when
+            set), in scan mode SCAN's 0.
         image_fragments: [N_images, R, D] unit-norm region fragments.
         text_fragments: [N_texts, L, D] unit-norm word fragments.
         text_mask: [N_texts, L] real-word mask.
@@ -380,7 +381,10 @@ class UARDAModel(UARDAPreTrainedModel):
 
     Retrieval: encode every image and caption once (``encode_images`` / ``encode_texts``), then
     ``score`` the whole gallery in memory-bounded chunks; ``forward`` computes exactly the same
-    scores for a batch.
+    scores for a batch. In uarda mode, eval mode scores with ``config.retrieval_threshold`` when it
+    is set (a threshold of the user's choosing, see ``UARDAConfig``) and with the learned one
+    otherwise; training always uses the learned one, and setting a retrieval threshold never
+    changes it.
     """
 
     def __init__(self, config: UARDAConfig):
@@ -436,6 +440,13 @@ class UARDAModel(UARDAPreTrainedModel):
 
     # --- scoring --------------------------------------------------------------------------------
 
+    def scoring_threshold(self) -> torch.Tensor:
+        """The threshold uarda mode scores with (0-d): ``config.retrieval_threshold`` in eval mode
+        when it is set, else the learned ``relevance_threshold.threshold``."""
+        if not self.training and self.config.retrieval_threshold is not None:
+            return self.relevance_threshold.threshold.new_tensor(self.config.retrieval_threshold)
+        return self.relevance_threshold.threshold
+
     def score(
         self,
         image_encoding: UARDAImageEncoding,
@@ -450,7 +461,7 @@ class UARDAModel(UARDAPreTrainedModel):
         In ``uarda`` mode, word queries with no region above the threshold are skipped: in eval
         mode (retrieval) they score only their penalty (best similarity − threshold) and nothing
         else is computed for them; in training mode they also keep SCAN's relevance-score branch,
-        as NAAF trains (see ``cross_attention_scores``)."""
+        as NAAF trains (see ``cross_attention_scores``). The threshold is :meth:`scoring_threshold`."""
         return cross_attention_scores(
             image_encoding.image_fragments,
             text_encoding.text_fragments,
@@ -460,7 +471,7 @@ class UARDAModel(UARDAPreTrainedModel):
             lambda_softmax=self.config.lambda_softmax,
             lambda_lse=self.config.lambda_lse,
             threshold_mode=self.config.threshold_mode,
-            threshold=self.relevance_threshold.threshold,
+            threshold=self.scoring_threshold(),
             skip_irrelevant_queries=not self.training,
             memory_budget_mb=memory_budget_mb,
             progress=progress,
@@ -499,7 +510,7 @@ class UARDAModel(UARDAPreTrainedModel):
             )
         scores = self.score(images, texts)  # [N_i, N_t]
         # The threshold these scores used, before this batch updates it (scan mode: SCAN's 0).
-        threshold = self.relevance_threshold.threshold.clone()
+        threshold = self.scoring_threshold().clone()
         if self.config.threshold_mode == "scan":
             threshold.zero_()
         loss = None
@@ -530,7 +541,7 @@ class UARDAModel(UARDAPreTrainedModel):
             text_mask,
             lambda_softmax=self.config.lambda_softmax,
             threshold_mode=self.config.threshold_mode,
-            threshold=self.relevance_threshold.threshold,
+            threshold=self.scoring_threshold(),
         )
 
 

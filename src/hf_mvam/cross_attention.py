@@ -157,7 +157,9 @@ def cross_attention_scores(
     uarda = threshold_mode == "uarda"
     lam = _per_direction(lambda_softmax, NAAF_LAMBDA_SOFTMAX if uarda else SCAN_LAMBDA_SOFTMAX, "lambda_softmax")
     lam_lse = _per_direction(lambda_lse, SCAN_LAMBDA_LSE, "lambda_lse")
-    t = torch.as_tensor(threshold, dtype=image_fragments.dtype, device=image_fragments.device).detach() if uarda else None
+    # None: scan mode. A 0-d tensor, so that a learned threshold is used without reading it back.
+    t = torch.as_tensor(threshold, dtype=image_fragments.dtype, device=image_fragments.device) if uarda else None
+    t = None if t is None else t.detach()
     skip = bool(skip_irrelevant_queries) and uarda
     do_t2i, do_i2t = direction in ("t2i", "both"), direction in ("i2t", "both")
     n_img, n_reg, dim = image_fragments.shape
@@ -249,7 +251,7 @@ def _t2i_relevance(sim, real, word_norm, image_gram, lam, threshold, skip_irrele
         scan_attn = _scan_attention(sim, lam, query_dim=1, context_dim=-1, eps=eps)
         positive_attn = _relevant_attention(sim, sim > threshold, best.unsqueeze(-1), lam, dim=-1)
         positive = _t2i_cosine(positive_attn, sim, word_norm, image_gram, eps)
-        return (scan_attn * sim).sum(-1) + torch.where(live, positive, best - threshold), live
+        return torch.linalg.vecdot(scan_attn, sim) + torch.where(live, positive, best - threshold), live
     # Retrieval: live rows only, image-major so that each image's rows meet its Gram matrix together.
     image, caption, word = live.permute(2, 0, 1).nonzero(as_tuple=True)  # [M] each
     norm = _l2norm(F.leaky_relu(sim, 0.1), dim=1, eps=eps)  # [ct, 1, ci, R] SCAN's, over the words
@@ -279,15 +281,16 @@ def _i2t_relevance(sim, real, region_norm, word_gram, lam, threshold, skip_irrel
     live = best > threshold  # regions with a relevant word
     if not skip_irrelevant:
         scan_attn = _scan_attention(sim, lam, query_dim=-1, context_dim=1, eps=eps, context_mask=context)
-        relevant = (sim > threshold) & context
-        positive = _i2t_cosine(_relevant_attention(sim, relevant, best.unsqueeze(1), lam, dim=1), sim, region_norm, word_gram, eps)
+        positive_attn = _relevant_attention(sim, (sim > threshold) & context, best.unsqueeze(1), lam, dim=1)
+        positive = _i2t_cosine(positive_attn, sim, region_norm, word_gram, eps)
         return (scan_attn * sim).sum(1) + torch.where(live, positive, best - threshold), live
     # Retrieval: live rows only, caption-major so that each caption's rows meet its Gram matrix together.
     caption, image, region = live.nonzero(as_tuple=True)  # [M] each
     norm = _l2norm(F.leaky_relu(sim, 0.1), dim=-1, eps=eps)  # [ct, L, ci, 1] SCAN's, over the regions
     live_rel = _live_relevance(
         sim.permute(0, 2, 3, 1)[caption, image, region], norm[..., 0].permute(0, 2, 1)[caption, image],
-        real[caption], best[caption, image, region], threshold, region_norm[image, region], caption, word_gram, lam, eps,
+        real[caption], best[caption, image, region], threshold, region_norm[image, region],
+        caption, word_gram, lam, eps,
     )  # [M]
     return (best - threshold).index_put((caption, image, region), live_rel), live
 
@@ -319,7 +322,7 @@ def _relevant_attention(sim, relevant, best, lam, dim):
 def _t2i_cosine(attn, sim, word_norm, image_gram, eps):
     """``cos(w, c)`` for every (caption, word, image) row of ``attn [ct, L, ci, R]`` -> ``[ct, L, ci]``."""
     ct, n_word, ci, n_reg = attn.shape
-    numerator = (attn * sim).sum(-1)  # [ct, L, ci]  w · c
+    numerator = torch.linalg.vecdot(attn, sim)  # [ct, L, ci]  w · c
     # |c|² = aᵀGa, one batched product over the images: [ct, L, ci, R] -> [ci, ct*L, R] (a view)
     rows = attn.view(ct * n_word, ci, n_reg).transpose(0, 1)
     quad = torch.linalg.vecdot(torch.bmm(rows, image_gram), rows)  # [ci, ct*L]
@@ -440,7 +443,9 @@ def _validate_fragments(image_fragments, text_fragments, text_mask):
     if image_fragments.device != text_fragments.device:
         raise ValueError("image_fragments and text_fragments are on different devices")
     if image_fragments.dtype != text_fragments.dtype:
-        raise ValueError(f"dtype mismatch: image_fragments {image_fragments.dtype}, text_fragments {text_fragments.dtype}")
+        raise ValueError(
+            f"dtype mismatch: image_fragments {image_fragments.dtype}, text_fragments {text_fragments.dtype}"
+        )
     n_txt, n_word, _ = text_fragments.shape
     if text_mask is None:
         return torch.ones(n_txt, n_word, dtype=torch.bool, device=text_fragments.device)

@@ -13,9 +13,9 @@ Contenders, measured side by side in ONE process (``torch.set_num_threads(2)``):
     mode: a word with no region above the threshold costs one max and scores its penalty).
 (d) ``similarity GEMMs alone`` — only the word–region similarity products of (b) (same chunks,
     same GEMM kernel): the floor of any exact scorer, printed to show where the time goes.
-(e) with ``--baseline FILE``: another version of ``cross_attention.py`` (e.g. an older commit's,
-    ``git show <commit>:src/hf_mvam/cross_attention.py > /tmp/before.py``), timed in both modes
-    beside (b) and (c): the before/after comparison of a change to the scorer.
+(e) with ``--baseline FILE [FILE ...]``: other versions of ``cross_attention.py`` (e.g. an older
+    commit's, ``git show <commit>:src/hf_mvam/cross_attention.py > /tmp/before.py``), each timed
+    in both modes beside (b) and (c): the before/after comparison of a change to the scorer.
 
 Data: synthetic fragments with structure (no real features offline). A bank of concepts with a
 Zipf popularity; each image has 36 regions, noisy copies of concepts; each caption (5 per image,
@@ -87,7 +87,7 @@ from hf_mvam.modeling_uarda import RelevanceThreshold, relevance_samples  # noqa
 
 def load_scorer_file(path):
     """A standalone ``cross_attention.py`` (torch and stdlib only) as a module of its own."""
-    spec = importlib.util.spec_from_file_location("baseline_cross_attention", path)
+    spec = importlib.util.spec_from_file_location(f"baseline_{Path(path).stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -376,10 +376,11 @@ def run_gallery(args):
     }
     for t in args.sweep:
         contenders[f"uarda t={t:.2f}"] = lambda t=t: ours("uarda", sub_caps, sub_mask, t)
-    if args.baseline is not None:
-        before = load_scorer_file(args.baseline).cross_attention_scores
+    for path in args.baseline:
+        before = load_scorer_file(path).cross_attention_scores
         for mode in ("scan", "uarda"):
-            contenders[f"baseline {mode}"] = lambda mode=mode: ours(mode, sub_caps, sub_mask, scorer=before)
+            contenders[f"baseline {path.name} {mode}"] = (
+                lambda mode=mode, before=before: ours(mode, sub_caps, sub_mask, scorer=before))
     def kept(name, out):
         """What a round's result is kept for (every row's peak RSS includes what is kept): the
         reference's scores in float32 (its float64 matrix holds float32 values), our modes' scores
@@ -438,12 +439,12 @@ def run_gallery(args):
     rows += [row(f"ours, uarda mode at a fixed t={t:.2f} (sweep)", f"uarda t={t:.2f}",
                  skipped=best[f"uarda t={t:.2f}"][2][1]["t2i_skipped_fraction"]) for t in args.sweep]
     baseline = {}
-    if args.baseline is not None:
+    for path in args.baseline:
         for mode in ("scan", "uarda"):
-            name = f"baseline {mode}"
-            rows.append(row(f"baseline ({args.baseline.name}), {mode} mode", name,
+            name = f"baseline {path.name} {mode}"
+            rows.append(row(f"baseline {path.name}, {mode} mode", name,
                             skipped=best[name][2][1].get("t2i_skipped_fraction"), diff_ref=diff[name]))
-            baseline[f"ours_{mode}_vs_baseline"] = best[name][0] / best[mode][0]
+            baseline[f"{path.name}_{mode}_vs_ours"] = best[name][0] / best[mode][0]
     t_scan, t_uarda = rows[1]["seconds"], rows[2]["seconds"]
     targets = {
         "ours (scan mode) >= 10x faster than the reference": t_ref / t_scan >= 10.0,
@@ -461,7 +462,7 @@ def run_gallery(args):
             timed_caption_shards=f"{timed_shards}/{n_cap_shards}", extrapolation=scale,
             load_average_before=load_before, load_average_after=load_after,
             torch=torch.__version__, machine=platform.machine(), cpu=cpu_description(),
-            baseline=None if args.baseline is None else str(args.baseline)),
+            baselines=[str(path) for path in args.baseline]),
         threshold=dict(
             value=threshold, relevant_mean=float(est.relevant_mean),
             relevant_std=float(est.relevant_std), irrelevant_mean=float(est.irrelevant_mean),
@@ -533,10 +534,10 @@ def format_gallery(result):
     lines += [f"{r['contender']} vs scan mode: {t_scan / r['seconds']:.2f}x "
               f"({100 * r['skipped_word_queries']:.1f} % of word queries skipped)." for r in result["rows"][4:]
               if "sweep" in r["contender"]]
-    for mode in ("scan", "uarda"):
-        if f"ours_{mode}_vs_baseline" in ratios:
-            lines.append(f"ours vs the baseline, {mode} mode: {ratios[f'ours_{mode}_vs_baseline']:.2f}x "
-                         "(baseline seconds / ours; below 1: ours is slower).")
+    for key, ratio in ratios.items():
+        if key.endswith("_vs_ours"):
+            name, mode = key[:-len("_vs_ours")].rsplit("_", 1)
+            lines.append(f"{mode} mode: {name} takes {ratio:.2f}x the time of ours (above 1: ours is faster).")
     lines.append("")
     for name, ok in result["targets"].items():
         lines.append(f"- target {name}: {'MET' if ok else 'MISSED'}")
@@ -612,8 +613,8 @@ def main(argv=None):
     p.add_argument("--sweep", type=float, nargs="*", default=[0.4, 0.55, 0.7],
                    help="fixed thresholds at which uarda mode is also timed (speed vs skipped queries)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--baseline", type=Path, default=None,
-                   help="another cross_attention.py to time beside this one (before/after a change)")
+    p.add_argument("--baseline", type=Path, nargs="+", default=[],
+                   help="other cross_attention.py files to time beside this one (before/after a change)")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -643,7 +643,8 @@ def main(argv=None):
     else:
         out = run_gallery(args)
         text = format_gallery(out)
-        name = "uarda_scorer" if args.dim == 256 else f"uarda_scorer_d{args.dim}"
+        # D = 256 (and --tiny) is the table run_all.py collects; other widths get their own.
+        name = "uarda_scorer" if args.dim == 256 or args.tiny else f"uarda_scorer_d{args.dim}"
         if args.tiny:  # exercise the memory-check path too
             coco = run_coco(args)
             out["coco"] = coco

@@ -186,27 +186,30 @@ def cross_attention_scores(
         words = text_fragments[columns, :n_len] * real.unsqueeze(-1)  # [ct, Lc, D]
         word_norm = words.norm(dim=-1)  # [ct, Lc]
         word_gram = words @ words.transpose(1, 2) if do_i2t else None  # [ct, Lc, Lc]
-        pair_scores = []
+        t2i_parts, i2t_parts = [], []  # per image chunk: [ct, Lc, ci] and [ct, ci, R] relevances
         for i0 in range(0, n_img, img_chunk):
             i1 = min(i0 + img_chunk, n_img)
             # All similarities of the chunk in one GEMM: [ct*Lc, D] x [D, ci*R] -> [ct, Lc, ci, R]
             sim = _similarities(words.reshape(-1, dim), image_fragments[i0:i1].reshape(-1, dim))
             sim = sim.view(t1 - t0, n_len, i1 - i0, n_reg)
-            pair = 0.0
             if do_t2i:
                 rel, attended = _t2i_relevance(sim, real, word_norm, image_gram[i0:i1], lam["t2i"], t, skip, eps)
-                pair = pair + _pool(rel, real.unsqueeze(-1), aggregation, lam_lse["t2i"], dim=1)  # [ct, ci]
+                t2i_parts.append(rel)
                 if return_stats:
                     counts["t2i"].append((real.sum() * (i1 - i0), attended.sum()))
             if do_i2t:
                 rel, attended = _i2t_relevance(sim, real, region_norm[i0:i1], word_gram, lam["i2t"], t, skip, eps)
-                pair = pair + _pool(rel, None, aggregation, lam_lse["i2t"], dim=-1)  # [ct, ci]
+                i2t_parts.append(rel)
                 if return_stats:
                     counts["i2t"].append((rel.numel(), attended.sum()))
-            pair_scores.append(pair)
             if bar is not None:
                 bar.update(1)
-        scores[:, columns] = torch.cat(pair_scores, dim=1).T  # [ct, N_i] -> [N_i, ct]
+        pair = 0.0  # [ct, N_i]: the words pooled per image, the regions per caption
+        if do_t2i:
+            pair = pair + _pool(torch.cat(t2i_parts, dim=2), real.unsqueeze(-1), aggregation, lam_lse["t2i"], dim=1)
+        if do_i2t:
+            pair = pair + _pool(torch.cat(i2t_parts, dim=1), None, aggregation, lam_lse["i2t"], dim=-1)
+        scores[:, columns] = pair.T  # [ct, N_i] -> [N_i, ct]
     if bar is not None:
         bar.close()
     return (scores, _stats(counts, img_chunk, caption_chunks)) if return_stats else scores

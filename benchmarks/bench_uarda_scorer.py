@@ -13,6 +13,9 @@ Contenders, measured side by side in ONE process (``torch.set_num_threads(2)``):
     mode: a word with no region above the threshold costs one max and scores its penalty).
 (d) ``similarity GEMMs alone`` — only the word–region similarity products of (b) (same chunks,
     same GEMM kernel): the floor of any exact scorer, printed to show where the time goes.
+(e) with ``--baseline FILE [FILE ...]``: other versions of ``cross_attention.py`` (e.g. an older
+    commit's, ``git show <commit>:src/hf_mvam/cross_attention.py > /tmp/before.py``), each timed
+    in both modes beside (b) and (c): the before/after comparison of a change to the scorer.
 
 Data: synthetic fragments with structure (no real features offline). A bank of concepts with a
 Zipf popularity; each image has 36 regions, noisy copies of concepts; each caption (5 per image,
@@ -29,8 +32,9 @@ NAAF's choice) best similarities of every real word fed to ``update`` (α = 2, 0
 How much uarda mode saves depends on how many word queries the threshold skips, so uarda mode is
 also timed at a few fixed, higher thresholds (``--sweep``): the speed / skipped-fraction trade-off.
 
-Shapes: Flickr30K test (1,000 images × 5,000 captions, 36 regions, 12 word slots) at D = 256
-(D = 1024 is too slow on a 2-core CPU; every contender's matmuls scale with D).
+Shapes: Flickr30K test (1,000 images × 5,000 captions, 36 regions, 12 word slots), D = 256 by
+default (``--dim``; at D = 1024 the reference takes several minutes a round on 2 cores, so time a
+subset of the caption shards there).
 
 Timing protocol (the machine is shared and noisy): the contenders run one after the other on the
 whole gallery, ``--repeats`` alternating rounds, and each keeps its best round (about 100 s a round
@@ -40,6 +44,12 @@ factors and GEMM operands computed once per call). ``--caption-shards N`` times 
 shards of 128 instead (all images) and extrapolates linearly in the number of shards, for a quick
 look; our two modes then also run once on the whole gallery for their memory, skipped fraction,
 rSum and max |difference| (on the reference's columns).
+
+CPU seconds: the process's CPU time (all threads) of the same best rounds, chosen separately. On
+a machine shared with other jobs it varies far less than wall time, which counts the time the
+scheduler gives to others; run with ``OMP_WAIT_POLICY=PASSIVE`` so that threads waiting at a
+barrier sleep rather than spin. A loop that leaves a thread idle (the reference's Python loop)
+costs less CPU than wall time, so its CPU-time ratios favour the reference.
 
 Memory: a sampler thread records the process RSS every few milliseconds; each contender's row
 shows the peak RSS during its run and the peak increase over the RSS before it started (the data
@@ -52,7 +62,8 @@ counts.
 peak RSS of the whole process (``ru_maxrss``) must stay under 4 GB. ``--tiny``: everything in a
 few seconds (used by the tests).
 
-Run: ``cd /work/main && PYTHONPATH=src .venv/bin/python benchmarks/bench_uarda_scorer.py``
+Run: ``.venv/bin/python benchmarks/bench_uarda_scorer.py [--dim 1024 --caption-shards 8]
+[--baseline /tmp/before.py]``
 """
 
 from __future__ import annotations
@@ -74,21 +85,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def _load_cross_attention():
-    """hf_mvam/cross_attention.py is a standalone remote-code file (torch + stdlib only): load it
-    directly, without the package __init__ and its transformers import, so the benchmark starts
-    fast."""
-    path = Path(__file__).resolve().parents[1] / "src" / "hf_mvam" / "cross_attention.py"
-    spec = importlib.util.spec_from_file_location("hf_mvam_cross_attention", path)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from hf_mvam import cross_attention as xattn  # noqa: E402
+from hf_mvam.cross_attention import cross_attention_scores  # noqa: E402
+from hf_mvam.modeling_uarda import RelevanceThreshold, relevance_samples  # noqa: E402
+
+
+def load_scorer_file(path):
+    """A standalone ``cross_attention.py`` (torch and stdlib only) as a module of its own."""
+    spec = importlib.util.spec_from_file_location(f"baseline_{Path(path).stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-xattn = _load_cross_attention()
-RelevanceThreshold = xattn.RelevanceThreshold
-cross_attention_scores = xattn.cross_attention_scores
-relevance_samples = xattn.relevance_samples
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LAMBDA_SOFTMAX, LAMBDA_LSE = 9.0, 6.0
@@ -324,21 +332,15 @@ def recall_sum(scores, captions_per_image=5):
 
 def similarity_only(images, captions, mask, memory_budget_mb):
     """(d) Only the word–region similarity GEMMs of our scan-mode scorer: same chunks (captions
-    sorted by length, images by 32), same kernel (oneDNN when available), nothing else."""
+    sorted by length), same GEMM helper, nothing else."""
     n_img, n_reg, dim = images.shape
-    ci, _, max_elements = xattn._plan_chunks(n_img, n_reg, captions.shape[1], None,
-                                             memory_budget_mb, 4, "scan")
-    length = xattn._effective_lengths(mask)
-    order = torch.argsort(length, stable=True)
-    chunks = xattn._caption_chunks(length[order].tolist(), ci * n_reg, None, max_elements)
-    operands = [xattn._region_operand(images[i0:i0 + ci].reshape(-1, dim),
-                                      max_elements // (ci * n_reg), True)
-                for i0 in range(0, n_img, ci)]
+    order, lengths = xattn._sort_by_length(images, captions, mask.bool(), None)
+    ci, chunks = xattn._plan_chunks(n_img, n_reg, lengths, None, memory_budget_mb, 4)
     sink = 0.0
     for t0, t1, n_len in chunks:
         words = captions[order[t0:t1], :n_len].reshape(-1, dim)  # [ct*Lc, D]
-        for regions in operands:
-            sink += float(xattn._similarity(words, regions)[0, 0])
+        for i0 in range(0, n_img, ci):
+            sink += float(xattn._similarities(words, images[i0:i0 + ci].reshape(-1, dim))[0, 0])
     return sink
 
 
@@ -365,8 +367,8 @@ def run_gallery(args):
     images_np, sub_np = images.numpy(), sub_caps.numpy()  # SCAN's evaluation takes numpy
     sub_lens = sub_mask.sum(1).tolist()
 
-    def ours(mode, caps, msk, t=threshold):  # uarda mode at its own default λ (NAAF's 20)
-        return cross_attention_scores(
+    def ours(mode, caps, msk, t=threshold, scorer=cross_attention_scores):  # uarda: NAAF's λ 20
+        return scorer(
             images, caps, msk, direction="t2i", aggregation="lse",
             lambda_softmax=LAMBDA_SOFTMAX if mode == "scan" else None, lambda_lse=LAMBDA_LSE,
             threshold_mode=mode, skip_irrelevant_queries=True,
@@ -380,19 +382,26 @@ def run_gallery(args):
     }
     for t in args.sweep:
         contenders[f"uarda t={t:.2f}"] = lambda t=t: ours("uarda", sub_caps, sub_mask, t)
+    for path in args.baseline:
+        before = load_scorer_file(path).cross_attention_scores
+        for mode in ("scan", "uarda"):
+            contenders[f"baseline {path.name} {mode}"] = (
+                lambda mode=mode, before=before: ours(mode, sub_caps, sub_mask, scorer=before))
     def kept(name, out):
         """What a round's result is kept for (every row's peak RSS includes what is kept): the
         reference's scores in float32 (its float64 matrix holds float32 values), our modes' scores
         and stats, the sweep's stats alone."""
         if name == "reference":
             return torch.from_numpy(out).float()  # [N_i, cols]
-        return (None, out[1]) if name.startswith("uarda t=") else out
+        return (None, out[1]) if name.startswith("uarda t=") else out  # baselines: scores for the diff
 
-    best = {}
+    best, best_cpu = {}, {}
     with torch.no_grad():
         for _ in range(args.repeats):
             for name, fn in contenders.items():
+                cpu0 = time.process_time()
                 seconds, mem, out = timed(fn)
+                best_cpu[name] = min(best_cpu.get(name, float("inf")), time.process_time() - cpu0)
                 if name not in best or seconds < best[name][0]:
                     best[name] = (seconds, mem, kept(name, out))
                 del out
@@ -406,7 +415,9 @@ def run_gallery(args):
     ref_sub = best["reference"][2].double()  # [N_i, cols]
     diff = {mode: float((full[mode][2][0][:, :cols].double() - ref_sub).abs().max())
             for mode in ("scan", "uarda")}
-    t_ref = best["reference"][0] * scale
+    for name in [n for n in best if n.startswith("baseline ")]:
+        diff[name] = float((best[name][2][0].double() - ref_sub).abs().max())
+    t_ref, cpu_ref = best["reference"][0] * scale, best_cpu["reference"] * scale
 
     def mb(x):
         return x / 2**20
@@ -414,7 +425,8 @@ def run_gallery(args):
     def row(label, name, full_run=None, skipped=None, rsum=None, diff_ref=None):
         seconds, mem, _ = best[name]
         r = dict(contender=label, seconds=seconds * scale, subset_seconds=seconds,
-                 speedup_vs_reference=t_ref / (seconds * scale), max_abs_diff_vs_reference=diff_ref,
+                 speedup_vs_reference=t_ref / (seconds * scale), cpu_seconds=best_cpu[name] * scale,
+                 cpu_speedup_vs_reference=cpu_ref / (best_cpu[name] * scale), max_abs_diff_vs_reference=diff_ref,
                  peak_rss_mb=mb(mem.peak), peak_increase_mb=mb(mem.peak - mem.before),
                  skipped_word_queries=skipped, rsum=rsum, full_gallery_seconds=None)
         if full_run is not None and not whole:
@@ -435,6 +447,14 @@ def run_gallery(args):
     ]
     rows += [row(f"ours, uarda mode at a fixed t={t:.2f} (sweep)", f"uarda t={t:.2f}",
                  skipped=best[f"uarda t={t:.2f}"][2][1]["t2i_skipped_fraction"]) for t in args.sweep]
+    baseline = {}
+    for path in args.baseline:
+        for mode in ("scan", "uarda"):
+            name = f"baseline {path.name} {mode}"
+            rows.append(row(f"baseline {path.name}, {mode} mode", name,
+                            skipped=best[name][2][1].get("t2i_skipped_fraction"), diff_ref=diff[name]))
+            baseline[f"{path.name}_{mode}_vs_ours"] = best[name][0] / best[mode][0]
+            baseline[f"{path.name}_{mode}_vs_ours_cpu"] = best_cpu[name] / best_cpu[mode]
     t_scan, t_uarda = rows[1]["seconds"], rows[2]["seconds"]
     targets = {
         "ours (scan mode) >= 10x faster than the reference": t_ref / t_scan >= 10.0,
@@ -452,14 +472,14 @@ def run_gallery(args):
             timed_caption_shards=f"{timed_shards}/{n_cap_shards}", extrapolation=scale,
             load_average_before=load_before, load_average_after=load_after,
             torch=torch.__version__, machine=platform.machine(), cpu=cpu_description(),
-            onednn_gemm=bool(xattn._ONEDNN_STATE["ok"])),
+            baselines=[str(path) for path in args.baseline]),
         threshold=dict(
             value=threshold, relevant_mean=float(est.relevant_mean),
             relevant_std=float(est.relevant_std), irrelevant_mean=float(est.irrelevant_mean),
             irrelevant_std=float(est.irrelevant_std), updates=int(est.num_updates)),
         rows=rows,
         ratios=dict(ours_scan_vs_reference=t_ref / t_scan, ours_uarda_vs_reference=t_ref / t_uarda,
-                    uarda_vs_scan=t_scan / t_uarda),
+                    uarda_vs_scan=t_scan / t_uarda, **baseline),
         targets=targets,
     )
 
@@ -488,15 +508,14 @@ def format_gallery(result):
         f"batches of 128: relevant {th['relevant_mean']:.3f} ± {th['relevant_std']:.3f}, "
         f"irrelevant {th['irrelevant_mean']:.3f} ± {th['irrelevant_std']:.3f}, α = 2). "
         f"Chunks: scan {s['chunk_size'][0]} images x <= {s['chunk_size'][1]} captions, uarda "
-        f"{s['uarda_chunk_size'][0]} x <= {s['uarda_chunk_size'][1]}; oneDNN GEMM: "
-        f"{s['onednn_gemm']}. Load average before/after: "
+        f"{s['uarda_chunk_size'][0]} x <= {s['uarda_chunk_size'][1]}. Load average before/after: "
         f"{s['load_average_before'][0]:.2f} / {s['load_average_after'][0]:.2f}.",
         "",
-        "| contender | seconds (gallery) | speed-up vs reference | "
+        "| contender | seconds (gallery) | speed-up vs reference | CPU seconds | speed-up (CPU) | "
         + ("" if whole else "full-gallery run (s) | ")
         + "max abs diff vs reference | peak RSS (MB) | peak increase (MB) | word queries skipped "
         "| rSum |",
-        "|---|---|---|---|---|---|---|---|" + ("" if whole else "---|"),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("" if whole else "---|"),
     ]
     for r in result["rows"]:
         full = "—" if r["full_gallery_seconds"] is None else f"{r['full_gallery_seconds']:.2f}"
@@ -511,6 +530,7 @@ def format_gallery(result):
         rsum = "—" if r["rsum"] is None else f"{r['rsum']:.1f}"
         lines.append(
             f"| {r['contender']} | {r['seconds']:.2f} | {r['speedup_vs_reference']:.2f}x | "
+            f"{r['cpu_seconds']:.2f} | {r['cpu_speedup_vs_reference']:.2f}x | "
             + ("" if whole else f"{full} | ")
             + f"{diff} | {r['peak_rss_mb']:.0f} | {r['peak_increase_mb']:.0f} | "
             f"{skipped} | {rsum} |")
@@ -523,7 +543,13 @@ def format_gallery(result):
                      f"scan mode {scan_full:.2f} s: {scan_full / uarda_full:.2f}x.")
     t_scan = result["rows"][1]["seconds"]
     lines += [f"{r['contender']} vs scan mode: {t_scan / r['seconds']:.2f}x "
-              f"({100 * r['skipped_word_queries']:.1f} % of word queries skipped)." for r in result["rows"][4:]]
+              f"({100 * r['skipped_word_queries']:.1f} % of word queries skipped)." for r in result["rows"][4:]
+              if "sweep" in r["contender"]]
+    for key, ratio in ratios.items():
+        if key.endswith("_vs_ours"):
+            name, mode = key[:-len("_vs_ours")].rsplit("_", 1)
+            lines.append(f"{mode} mode: {name} takes {ratio:.2f}x the wall time and "
+                         f"{ratios[key + '_cpu']:.2f}x the CPU time of ours (above 1: ours is faster).")
     lines.append("")
     for name, ok in result["targets"].items():
         lines.append(f"- target {name}: {'MET' if ok else 'MISSED'}")
@@ -599,6 +625,8 @@ def main(argv=None):
     p.add_argument("--sweep", type=float, nargs="*", default=[0.4, 0.55, 0.7],
                    help="fixed thresholds at which uarda mode is also timed (speed vs skipped queries)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--baseline", type=Path, nargs="+", default=[],
+                   help="other cross_attention.py files to time beside this one (before/after a change)")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -615,7 +643,8 @@ def main(argv=None):
     else:
         out = run_gallery(args)
         text = format_gallery(out)
-        name = "uarda_scorer"
+        # D = 256 (and --tiny) is the table run_all.py collects; other widths get their own.
+        name = "uarda_scorer" if args.dim == 256 or args.tiny else f"uarda_scorer_d{args.dim}"
         if args.tiny:  # exercise the memory-check path too
             coco = run_coco(args)
             out["coco"] = coco

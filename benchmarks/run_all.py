@@ -23,6 +23,7 @@ BENCHMARKS = [  # (script, extra flags, the table it writes)
     ("bench_mvam_speed.py", [], "mvam_speed"),
     ("bench_quality.py", [], "quality"),
     ("bench_uarda_training.py", [], "uarda_training"),
+    ("bench_retrieval.py", [], "retrieval"),
 ]
 
 

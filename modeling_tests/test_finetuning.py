@@ -90,9 +90,9 @@ def test_fine_tune_a_saved_folder_on_new_data_with_a_frozen_vision_tower(saved, 
     checkpoint is pushed (private) and the card states license, data and what it was tuned from."""
     out = tmp_path / "tuned"
     lengths = []
-    evaluate = run.evaluate_split
-    monkeypatch.setattr(run, "evaluate_split", lambda model, processor, split, *a, **k: lengths.append(len(split)) or
-                        evaluate(model, processor, split, *a, **k))
+    evaluate = run.evaluate_on_every_process
+    monkeypatch.setattr(run, "evaluate_on_every_process", lambda accelerator, model, processor, split, *a, **k:
+                        lengths.append(len(split)) or evaluate(accelerator, model, processor, split, *a, **k))
     train("--output_dir", out, "--model_name_or_path", saved, "--data", new_data, *FAST, "--freeze_vision_model",
           "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--logging_steps", "2",
           "--max_train_samples", "16", "--max_eval_samples", "4", "--dataset_name", "new-shapes", "--license", "mit",

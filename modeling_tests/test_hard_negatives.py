@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import torch
 
 from hf_mvam.data.hard_negatives import HardNegativeGenerator
@@ -78,3 +79,23 @@ def test_the_collator_adds_each_pairs_negative(mvam_processor):
     assert torch.equal(batch["negative_attention_mask"], expected["attention_mask"])
     assert batch["input_ids"].shape[0] == batch["negative_input_ids"].shape[0] == 3
     assert "negative_input_ids" not in ImageCaptionCollator(mvam_processor)(pairs)
+
+
+def test_mvam_takes_hard_negatives_as_extra_caption_negatives(tiny_tokenizer, mvam_processor):
+    from conftest import TINY_VISION, tiny_text_config
+    from hf_mvam import MVAMConfig, MVAMModel
+    from hf_mvam.losses import contrastive_loss
+
+    model = MVAMModel(MVAMConfig(vision_config=TINY_VISION, text_config=tiny_text_config(tiny_tokenizer),
+                                 projection_dim=8, num_views=2, diversity_weight=0.0)).eval()
+    captions = ["a red circle left of a blue square", "a small green star", "a blue square"]
+    generator = HardNegativeGenerator(captions)
+    batch = mvam_processor(text=captions, images=[np.zeros((32, 32, 3), np.uint8) + 60 * i for i in range(3)])
+    negatives = mvam_processor(text=[generator(c) for c in captions])
+    out = model(**batch, negative_input_ids=negatives["input_ids"], negative_attention_mask=negatives["attention_mask"],
+                return_loss=True)
+    negative_embeds = model.encode_texts(negatives["input_ids"], negatives["attention_mask"]).pooler_output
+    expected = contrastive_loss(out.image_embeds, out.text_embeds, model.logit_scale, negative_text_embeds=negative_embeds)
+    torch.testing.assert_close(out.loss, expected)
+    assert out.logits_per_image.shape == (3, 3)  # negatives are training-only columns
+    assert not torch.allclose(out.loss, model(**batch, return_loss=True).loss)

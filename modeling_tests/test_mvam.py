@@ -402,6 +402,10 @@ def test_from_vision_text_pretrained_offline(tiny_tokenizer, tmp_path):
     model.save_pretrained(tmp_path / "mvam")
     reloaded = MVAMModel.from_pretrained(tmp_path / "mvam")
     torch.testing.assert_close(reloaded.text_model.embeddings.word_embeddings.weight, bert.embeddings.word_embeddings.weight)
+    # config.json is uploaded: the towers' folders are named there, their local paths are not.
+    saved = json.loads((tmp_path / "mvam" / "config.json").read_text())
+    assert str(tmp_path) not in json.dumps(saved)
+    assert saved["vision_config"]["_name_or_path"] == "clip" and saved["text_config"]["_name_or_path"] == "bert"
 
 
 # --- a drop-in for CLIP users (issue 21) ----------------------------------------------------------

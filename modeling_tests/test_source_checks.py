@@ -195,6 +195,58 @@ def test_data_files_and_hub_paths_are_confined(tmp_path, secret, guard, monkeypa
     assert guard == []
 
 
+def test_streaming_reads_data_files_of_unknown_features(tmp_path):
+    """A streamed CSV/JSON folder has no features until it is read (datasets' features is None):
+    its path column is read all the same."""
+    from hf_mvam.streaming import load_streaming_splits
+
+    folder = tmp_path / "csv_stream"
+    for name, colour in (("a.png", (200, 30, 30)), ("b.png", (30, 200, 30))):
+        png(folder / name, colour)
+    lines = ["image,text", f"{folder / 'a.png'},red", f"{folder / 'b.png'},green"]
+    for split in ("train", "validation", "test"):  # more CSVs than PNGs: read as CSV
+        (folder / f"{split}.csv").write_text("\n".join(lines) + "\n")
+    train, evaluation = load_streaming_splits(str(folder))
+    assert sorted((pair["caption"], pair["image"].getpixel((0, 0))) for pair in train) == [
+        ("green", (30, 200, 30)), ("red", (200, 30, 30))]
+    assert evaluation["test"]["captions"] == [["red"], ["green"]]
+
+
+def streamed_csv_folder(tmp_path, secret):
+    """Three CSV splits of image paths (one inside the folder, relative; the secret three ways)."""
+    folder = tmp_path / "csv_stream"
+    png(folder / "a.png")
+    outside = outside_paths(secret, folder)
+    lines = ["image,text", "a.png,fine"] + [f"{name},never read" for name in outside.values()]
+    for split in ("train", "validation", "test"):  # more CSVs than PNGs: read as CSV
+        (folder / f"{split}.csv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_streamed_paths_are_confined_to_the_data_folder(tmp_path, secret, guard, monkeypatch):
+    """--streaming reads paths as the loaders do: relative to the data folder, refused (unread)
+    when they leave it."""
+    from hf_mvam.streaming import load_streaming_splits
+
+    folder = streamed_csv_folder(tmp_path, secret)
+    monkeypatch.chdir(tmp_path)  # relative paths are the data folder's, not the working folder's
+    train, evaluation = load_streaming_splits(str(folder))
+    pairs = list(train)
+    assert [pair["caption"] for pair in pairs] == ["fine"] and pairs[0]["image"].getpixel((0, 0)) == (200, 30, 30)
+    for split in ("validation", "test"):
+        assert evaluation[split]["captions"] == [["fine"]]
+    assert guard == []
+
+
+def test_streamed_paths_outside_are_read_when_allowed(tmp_path, secret):
+    from hf_mvam.streaming import load_streaming_splits
+
+    folder = streamed_csv_folder(tmp_path, secret)
+    train, evaluation = load_streaming_splits(str(folder), allow_paths_outside_data_root=True)
+    assert sorted(pair["image"].getpixel((0, 0)) for pair in train) == [SECRET_COLOUR] * 3 + [(200, 30, 30)]
+    assert len(evaluation["test"]) == 4
+
+
 # --- Refused before training, with one line ---------------------------------------------------
 
 

@@ -657,3 +657,34 @@ def test_evaluation_needs_the_same_number_of_regions(tmp_path, batch_size):
     split = varying_region_features(tmp_path)
     with pytest.raises(ValueError, match=r"regions per image \(\{20, 36\}\)"):
         encode_split(_RegionModel(), None, split, batch_size=batch_size)
+
+
+def test_recorded_eval_split_comes_from_the_run_s_local_paths(tmp_path, monkeypatch):
+    """A model folder names its local data by its name only (training_args.json is uploaded): the
+    split it was evaluated on is loaded from the path the run kept in .hf_mvam/ (or the one
+    given), from any working folder, and cut to the run's max_eval_samples."""
+    from hf_mvam.data.splits import TRAINING_ARGS_NAME, load_recorded_eval_split
+    from hf_mvam.output_folder import LOCAL_PATHS_NAME, RUN_DIR
+
+    data = tmp_path / "my_images"
+    for split, colours in (("train", [(1, 1, 1)]), ("test", [(10, 0, 0), (20, 0, 0), (30, 0, 0)])):
+        rows = []
+        for i, colour in enumerate(colours):
+            png(data / split / f"{i}.png", colour)
+            rows.append({"file_name": f"{i}.png", "caption": f"{split} {i}"})
+        (data / split / "metadata.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    folder = tmp_path / "model"
+    (folder / RUN_DIR).mkdir(parents=True)
+    recorded = {"data": {"data": "my_images", "image_root": None, "max_eval_samples": 2, "all_pairs": False},
+                "eval_split": "test", "local_data": True}
+    (folder / TRAINING_ARGS_NAME).write_text(json.dumps(recorded))
+    (folder / RUN_DIR / LOCAL_PATHS_NAME).write_text(json.dumps({"data.data": str(data)}))
+    monkeypatch.chdir(tmp_path / "model")
+
+    split, _, again = load_recorded_eval_split(folder)
+    assert split["captions"] == [["test 0"], ["test 1"]] and again == recorded
+    assert [load_image(image).getpixel((0, 0)) for image in split["image"]] == [(10, 0, 0), (20, 0, 0)]
+    (folder / RUN_DIR / LOCAL_PATHS_NAME).unlink()  # as a copy from the Hub has it
+    with pytest.raises(ValueError, match=r"records only the name of its local data \('my_images'\): pass --data"):
+        load_recorded_eval_split(folder)
+    assert load_recorded_eval_split(folder, data=str(data))[0]["captions"] == [["test 0"], ["test 1"]]

@@ -14,7 +14,6 @@ the run's ``.hf_mvam/local_paths.json`` (never uploaded) or from ``--data`` / ``
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 from pathlib import Path
@@ -22,9 +21,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, AutoProcessor
 
-from hf_mvam.data.splits import TRAINING_ARGS_NAME, load_splits
+from hf_mvam.data.splits import TRAINING_ARGS_NAME, load_recorded_eval_split
 from hf_mvam.evaluation import evaluate_split
-from hf_mvam.output_folder import read_local_paths
 
 TOLERANCE = 1e-4
 NUM_EXAMPLES = 4
@@ -50,23 +48,6 @@ def similarity_table(model, processor, split) -> str:
     return "\n".join(lines)
 
 
-def recorded_eval_split(folder: Path, recorded: dict, data: str | None, image_root: str | None, parser):
-    """The split the folder's results come from: the recorded data settings, with the local paths
-    the run recorded on this machine, or the ones given (which win)."""
-    accepted = inspect.signature(load_splits).parameters
-    source = {k: v for k, v in recorded["data"].items() if k in accepted}
-    local = read_local_paths(folder)
-    for key, given in (("data", data), ("image_root", image_root)):
-        source[key] = given or local.get(f"data.{key}", source.get(key))
-    if recorded.get("local_data") and not (data or "data.data" in local):
-        parser.error(f"{folder} records only the name of its local data ({source['data']!r}): pass --data "
-                     "(and --image_root, if the run had one)")
-    splits, _, _ = load_splits(**source)
-    split = splits[recorded["eval_split"]]
-    limit = recorded["data"].get("max_eval_samples")
-    return split.select(range(min(limit, len(split)))) if limit else split
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output_dir", help="a folder written by training/run.py")
@@ -81,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     expected = json.loads((folder / "eval_results.json").read_text())
-    recorded = json.loads((folder / TRAINING_ARGS_NAME).read_text())
-    split = recorded_eval_split(folder, recorded, options.data, options.image_root, parser)
+    try:
+        split, _, recorded = load_recorded_eval_split(folder, options.data, options.image_root)
+    except ValueError as error:
+        parser.error(str(error))
     dataset_name = recorded["data"]["data"] or "hf-mvam synthetic benchmark"
     print(f"{type(model).__name__} ({type(model).__module__}) and {type(processor).__name__} loaded from {folder}")
     print(similarity_table(model, processor, split))

@@ -37,12 +37,14 @@ from hf_mvam.arguments import check_run_setting, one_line, parse_arguments, reco
 from hf_mvam.checkpointing import (
     CHECKPOINTS_DIR, TrainerState, config_changes, load_checkpoint, save_checkpoint, starting_checkpoint,
 )
-from hf_mvam.data.collate import CaptionPairSampler, ImageCaptionCollator, ImageCaptionPairs
+from hf_mvam.data.collate import CaptionPairSampler, ImageCaptionCollator, ImageCaptionPairs, flatten_captions
+from hf_mvam.data.hard_negatives import HardNegativeGenerator
 from hf_mvam.data.sources import data_warnings
 from hf_mvam.data.splits import load_splits
-from hf_mvam.evaluation import evaluate_split
 from hf_mvam.metrics import summary_table
-from hf_mvam.model_folder import card_inputs, log_figures, push_snapshot, save_model_folder, whole_model
+from hf_mvam.model_folder import (
+    card_inputs, evaluate_on_every_process, log_figures, push_snapshot, save_model_folder, whole_model,
+)
 from hf_mvam.output_folder import OutputFolder, OutputFolderError
 from hf_mvam.starting_model import build_model, build_processor, prepare_towers
 from hf_mvam.streaming import StreamedPairs, load_streaming_splits
@@ -146,10 +148,17 @@ def report_data(stats: dict | None) -> None:
 
 
 def build_train_loader(train_split, processor, data_args, train_args) -> DataLoader:
-    """Batches of (image, caption) pairs: one caption drawn per image per epoch, or all pairs.
-    Images are decoded and processed by ``--dataloader_num_workers`` worker processes."""
+    """Batches of (image, caption) pairs: one caption drawn per image per epoch, or all pairs, with
+    each caption's hard negative when asked. Images are decoded and processed by
+    ``--dataloader_num_workers`` worker processes."""
     workers = train_args.num_workers()
-    common = dict(batch_size=train_args.per_device_train_batch_size, collate_fn=ImageCaptionCollator(processor),
+    hard_negatives = None
+    if data_args.hard_negatives:
+        if isinstance(train_split, StreamedPairs):
+            fail("--hard_negatives draws replacement words from the whole training split: it cannot stream")
+        hard_negatives = HardNegativeGenerator(flatten_captions(train_split)[0], seed=train_args.seed)
+    common = dict(batch_size=train_args.per_device_train_batch_size,
+                  collate_fn=ImageCaptionCollator(processor, hard_negatives=hard_negatives),
                   drop_last=True,  # equal batches on every process, as the gathered contrastive loss needs
                   num_workers=workers, persistent_workers=workers > 0)
     if isinstance(train_split, StreamedPairs):
@@ -290,12 +299,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         state = TrainerState()
         accelerator.init_trackers("hf_mvam", config=tracker_config(recorded))
 
-        # 4. Train, validating on the main process (the others wait) and saving checkpoints.
+        # 4. Train, validating (every process encodes and scores its share) and saving checkpoints.
         validation = splits["validation" if "validation" in splits else eval_split]
 
         def validate(state: TrainerState) -> None:
-            if (evaluated := whole_model(accelerator, model)) is not None:
-                results = evaluate_split(evaluated, processor, validation, train_args.per_device_eval_batch_size)
+            results = evaluate_on_every_process(accelerator, model, processor, validation,
+                                                train_args.per_device_eval_batch_size)
+            if results is not None:
                 accelerator.log({f"eval/{k}": v for k, v in results.items()}, step=state.global_step)
                 state.log_history.append({"step": state.global_step, **{f"eval/{k}": v for k, v in results.items()}})
                 logger.info(f"step {state.global_step}: validation rSum {results['rsum']:.2f}")
@@ -325,12 +335,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         else:
             unwrapped.to(accelerator.device)
 
-        results, final = {}, whole_model(accelerator, model)
+        # 5. Evaluate on the test split (or the validation split when there is none), the split's
+        #    encoding and scoring shared by the processes.
+        test = splits[eval_split]
+        results = {}
+        if train_args.do_eval:
+            results = evaluate_on_every_process(accelerator, model, processor, test,
+                                                train_args.per_device_eval_batch_size, progress=True) or {}
+        final = whole_model(accelerator, model)
         if accelerator.is_main_process:
-            # 5. Evaluate on the test split (or the validation split when there is none).
-            test = splits[eval_split]
             if train_args.do_eval:
-                results = evaluate_split(final, processor, test, train_args.per_device_eval_batch_size, progress=True)
                 accelerator.log({f"test/{k}": v for k, v in results.items()}, step=state.global_step)
 
             # 6. Save the model folder (model, processor, figures, results, card, arguments) in place of

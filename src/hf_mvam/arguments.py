@@ -209,6 +209,10 @@ class DataArguments:
     all_pairs: bool = option(
         False, "Train on every (image, caption) pair instead of one random caption per image per epoch."
     )
+    hard_negatives: bool = option(
+        False, "Add each training caption's NegCLIP-style hard negative (a relation flipped, an attribute or object "
+        "word replaced, or two swapped) as an extra caption negative for its image (hf_mvam.data.hard_negatives)."
+    )
     streaming: bool = option(
         False, "Stream a Hub dataset or a folder of data files (datasets' IterableDataset, one caption per image "
         "per step) instead of loading the training split; needs --max_steps."

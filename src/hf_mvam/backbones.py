@@ -8,6 +8,7 @@ only transformers and torch.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -141,11 +142,16 @@ def text_backbone_outputs(
 
 def load_pretrained_backbone(name_or_path: str, sub_config: str) -> PreTrainedModel:
     """Load a backbone (Hub id or folder); from a composite checkpoint (e.g. CLIP, SigLIP, whose
-    config has a ``sub_config`` such as ``vision_config``) take that tower."""
+    config has a ``sub_config`` such as ``vision_config``) take that tower. A folder is recorded
+    in the backbone's config (``_name_or_path``) by its name only: the config goes into the
+    model's config.json, which is uploaded."""
     config = AutoConfig.from_pretrained(name_or_path)
     if hasattr(config, sub_config):
         config = getattr(config, sub_config)
-    return AutoModel.from_pretrained(name_or_path, config=config)
+    backbone = AutoModel.from_pretrained(name_or_path, config=config)
+    if os.path.isdir(name_or_path):
+        backbone.config._name_or_path = os.path.basename(os.path.normpath(name_or_path))
+    return backbone
 
 
 def from_vision_text_pretrained(

@@ -6,10 +6,8 @@ from transformers import PretrainedConfig
 
 from .backbones import DEFAULT_TEXT_CONFIG, DEFAULT_VISION_CONFIG, resolve_backbone_config
 from .config_checks import check_number
+from .cross_attention import AGGREGATIONS, DIRECTIONS, THRESHOLD_MODES
 
-THRESHOLD_MODES = ("scan", "uarda")
-DIRECTIONS = ("t2i", "i2t", "both")
-AGGREGATIONS = ("lse", "mean")
 MAX_THRESHOLD_SAMPLES = 1 << 20
 
 
@@ -37,22 +35,28 @@ class UARDAConfig(PretrainedConfig):
             its own similarities give.
         direction (`str`, defaults to ``"t2i"``): ``"t2i"``, ``"i2t"`` or ``"both"`` (summed).
         aggregation (`str`, defaults to ``"lse"``): pooling over queries, ``"lse"`` (SCAN's t2i
-            setting) or ``"mean"`` (NAAF's). Trained from scratch on the synthetic benchmark,
-            ``"mean"`` lifted scan mode's rSum from 62 to 200 (benchmarks/results/uarda_training.md).
+            setting) or ``"mean"`` (NAAF's; it trains randomly initialised towers far better,
+            see benchmarks/README.md).
         lambda_softmax (`float`, *optional*): attention inverse temperature. Default: SCAN's 9
             (t2i) / 4 (i2t) in scan mode, NAAF's 20 (t2i; i2t keeps 4) in uarda mode.
         lambda_lse (`float`, *optional*): LogSumExp factor (SCAN: 6 t2i, 5 i2t).
         margin (`float`, defaults to 0.2): hinge margin of the triplet loss.
         max_violation (`bool`, defaults to `False`):
             Only the hardest in-batch negative counts (SCAN's setting, meant for pretrained region
-            features); `False` sums over all negatives, which is what learns from random towers
-            (measured: hardest-only stayed at rSum 12 after 300 steps on the synthetic benchmark).
+            features); `False` sums over all negatives, which is what learns from randomly
+            initialised towers (benchmarks/README.md).
         threshold_alpha (`float`, defaults to 2.0):
             The threshold solves N(t; relevant) = alpha * N(t; irrelevant) (NAAF).
         threshold_momentum (`float`, defaults to 0.7): weight of a new estimate in the update.
         threshold_min_samples (`int`, defaults to 256): word samples collected before the first fit
             (at most 2^20; the sample buffers hold max(2048, this) words each).
         initial_threshold (`float`, defaults to 0.0): SCAN's zero until the first fit.
+        retrieval_threshold (`float`, *optional*):
+            The threshold uarda mode scores with in eval mode (retrieval); ``None`` uses the
+            learned one. Training always uses and updates the learned threshold, which this field
+            never changes. A higher value skips more word queries (faster, and further from the
+            trained scores); NAAF's test-time value is ``μ+ − 3σ+`` of the relevant similarities,
+            i.e. ``model.relevance_threshold.relevant_mean - 3 * model.relevance_threshold.relevant_std``.
     """
 
     model_type = "uarda"
@@ -75,6 +79,7 @@ class UARDAConfig(PretrainedConfig):
         threshold_momentum: float = 0.7,
         threshold_min_samples: int = 256,
         initial_threshold: float = 0.0,
+        retrieval_threshold: float | None = None,
         initializer_range: float = 0.02,
         **kwargs,
     ):
@@ -96,6 +101,7 @@ class UARDAConfig(PretrainedConfig):
         self.threshold_momentum = threshold_momentum
         self.threshold_min_samples = threshold_min_samples
         self.initial_threshold = initial_threshold
+        self.retrieval_threshold = retrieval_threshold
         self.initializer_range = initializer_range
         super().__init__(**kwargs)
         self.validate_uarda()
@@ -118,6 +124,7 @@ class UARDAConfig(PretrainedConfig):
         # Sizes the relevance sample buffers (two float32 rings of at least this many words).
         check_number("threshold_min_samples", self.threshold_min_samples, minimum=2, maximum=MAX_THRESHOLD_SAMPLES, integer=True)
         check_number("initial_threshold", self.initial_threshold, minimum=-1, maximum=1)
+        check_number("retrieval_threshold", self.retrieval_threshold, minimum=-1, maximum=1, optional=True)
         check_number("initializer_range", self.initializer_range, minimum=0, exclusive_minimum=True)
 
     def to_dict(self):

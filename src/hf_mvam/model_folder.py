@@ -17,6 +17,7 @@ from PIL import Image
 from . import hub
 from .checkpointing import TrainerState
 from .data.splits import TRAINING_ARGS_NAME
+from .evaluation import evaluate_split
 from .visualization import save_figures
 
 __all__ = ["card_inputs", "log_figures", "push_snapshot", "save_model_folder", "whole_model"]
@@ -53,6 +54,7 @@ def card_inputs(args, processor, eval_split: str, precision: str, num_processes:
         "max_grad_norm": train_args.max_grad_norm,
         "schedule": f"{train_args.warmup_steps} warm-up steps, {train_args.lr_scheduler_type}",
         "captions_per_image_per_epoch": "all" if data_args.all_pairs else 1,
+        **({"hard_negative_captions": "one per caption (NegCLIP-style)"} if data_args.hard_negatives else {}),
         "mixed_precision": precision,
         **({"frozen_backbones": ", ".join(frozen)} if frozen else {}),
         "seed": train_args.seed,
@@ -89,6 +91,22 @@ def push_snapshot(parent: Path, model, processor, card: dict, recorded: dict, st
         hub.push_folder_to_hub(folder, train_args.hub_model_id, token=train_args.hub_token,
                                private=train_args.hub_private_repo,
                                commit_message=f"Training in progress, step {state.global_step}")
+
+
+def evaluate_on_every_process(accelerator, model, processor, split, batch_size: int, progress: bool = False):
+    """``evaluate_split`` of the model; call on every process. Under data parallelism each process
+    encodes its share of the split and scores its share of the rows (the results equal one
+    process's); under FSDP the whole model is gathered and evaluated on the main process. Returns
+    the results on the main process, ``None`` elsewhere."""
+    if accelerator.distributed_type == DistributedType.FSDP and accelerator.unwrap_model(model) is not model:
+        evaluated = whole_model(accelerator, model)
+        results = evaluate_split(evaluated, processor, split, batch_size, progress=progress) if evaluated else None
+        accelerator.wait_for_everyone()
+        return results
+    results = evaluate_split(accelerator.unwrap_model(model), processor, split, batch_size,
+                             progress=progress and accelerator.is_main_process,
+                             distributed=accelerator.num_processes > 1)
+    return results if accelerator.is_main_process else None
 
 
 def whole_model(accelerator, model):

@@ -353,6 +353,8 @@ class MVAMModel(MVAMPreTrainedModel):
         attention_mask: Optional[torch.Tensor] = None,
         pixel_values: Optional[torch.FloatTensor] = None,
         image_features: Optional[torch.FloatTensor] = None,
+        negative_input_ids: Optional[torch.LongTensor] = None,
+        negative_attention_mask: Optional[torch.Tensor] = None,
         return_loss: Optional[bool] = None,
         output_attentions: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
@@ -368,6 +370,9 @@ class MVAMModel(MVAMPreTrainedModel):
                 so N_images must equal N_texts. Under torch.distributed the contrastive term takes
                 its negatives from every process's batch (with gradients), so W processes with
                 batch B train like one process with batch W*B.
+            negative_input_ids, negative_attention_mask: [N', L'] hard negative captions (NegCLIP;
+                see ``hf_mvam.data.hard_negatives``): with ``return_loss``, extra captions in every
+                image's softmax (gathered like the captions), never queries; not in the logits.
             output_attentions: also return each view's attention maps.
             output_hidden_states: also return ``text_model_output`` and ``vision_model_output``
                 (the token states and the backbones' per-layer outputs), as CLIPModel does.
@@ -390,8 +395,12 @@ class MVAMModel(MVAMPreTrainedModel):
         loss = contrastive = diversity = None
         if return_loss:
             # In float32 whatever the autocast dtype: the softmax over the global batch needs it.
+            negatives = None
+            if negative_input_ids is not None:
+                negatives = self.encode_texts(negative_input_ids, negative_attention_mask).pooler_output.float()
             contrastive = contrastive_loss(
-                images.pooler_output.float(), texts.pooler_output.float(), logit_scale, gather_distributed=True
+                images.pooler_output.float(), texts.pooler_output.float(), logit_scale, gather_distributed=True,
+                negative_text_embeds=negatives,
             )
             text_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
             diversity = self.diversity_loss(images.view_attentions, texts.view_attentions, text_mask).float()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import datasets
 
+from ..output_folder import read_local_paths
 from .sources import load_image_caption_dataset
 from .synthetic import default_cache_dir, generate_synthetic_benchmark
 
@@ -59,15 +60,31 @@ def load_splits(
     return splits, data, stats
 
 
-def load_recorded_eval_split(folder: str | os.PathLike):
-    """The split a model folder written by ``training/run.py`` was evaluated on, loaded again from
-    the data settings its ``training_args.json`` records.
+def load_recorded_eval_split(folder: str | os.PathLike, data: str | None = None, image_root: str | None = None):
+    """The split a model folder written by ``training/run.py`` was evaluated on (cut to the run's
+    ``max_eval_samples``), loaded again from the data settings its ``training_args.json`` records.
+
+    ``training_args.json`` is uploaded, so it names local data by its file or folder name only; the
+    path comes from ``data`` / ``image_root`` when given, else from the run's
+    ``.hf_mvam/local_paths.json`` (kept on the machine that trained it, never uploaded).
 
     Returns:
         ``(split, dataset_name, recorded)``, ``recorded`` being the parsed ``training_args.json``.
+
+    Raises:
+        ValueError: the folder records only the name of its local data, and no path is known.
     """
     recorded = json.loads((Path(folder) / TRAINING_ARGS_NAME).read_text())
     # The data arguments also hold sampling options (all_pairs, ...): only load_splits' own count.
     parameters = inspect.signature(load_splits).parameters
-    splits, dataset_name, _ = load_splits(**{k: v for k, v in recorded["data"].items() if k in parameters})
-    return splits[recorded["eval_split"]], dataset_name, recorded
+    source = {k: v for k, v in recorded["data"].items() if k in parameters}
+    local = read_local_paths(folder)
+    for key, given in (("data", data), ("image_root", image_root)):
+        source[key] = given or local.get(f"data.{key}", source.get(key))
+    if recorded.get("local_data") and not (data or "data.data" in local):
+        raise ValueError(f"{folder} records only the name of its local data ({source['data']!r}): pass --data "
+                         "(and --image_root, if the run had one)")
+    splits, dataset_name, _ = load_splits(**source)
+    split = splits[recorded["eval_split"]]
+    limit = recorded["data"].get("max_eval_samples")
+    return (split.select(range(min(limit, len(split)))) if limit else split), dataset_name, recorded

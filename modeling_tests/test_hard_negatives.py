@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import pytest
 import torch
 
 from hf_mvam.data.hard_negatives import HardNegativeGenerator
+from training_runs import FAST, SYNTHETIC, TINY, TINY_UARDA, synthetic_cache, train  # noqa: F401 (a fixture)
 
 CAPTIONS = [
     "A small red circle is left of a large blue square.",
@@ -99,3 +101,63 @@ def test_mvam_takes_hard_negatives_as_extra_caption_negatives(tiny_tokenizer, mv
     torch.testing.assert_close(out.loss, expected)
     assert out.logits_per_image.shape == (3, 3)  # negatives are training-only columns
     assert not torch.allclose(out.loss, model(**batch, return_loss=True).loss)
+
+
+def test_uarda_takes_hard_negatives_as_extra_caption_negatives(tiny_tokenizer):
+    """The triplet loss with hard negatives, against a hinge written out pair by pair: every
+    image's hardest caption negative is the harder of the in-batch captions and the hard negatives;
+    each caption's hardest image is unchanged (hard negatives are never queries)."""
+    from test_uarda import images, tiny_uarda
+
+    from hf_mvam import UARDAProcessor
+    from hf_mvam.builders import default_image_processor
+
+    processor = UARDAProcessor(image_processor=default_image_processor(32), tokenizer=tiny_tokenizer)
+    model = tiny_uarda(tiny_tokenizer, threshold_mode="uarda", max_violation=True).eval()
+    captions = ["a red circle left of a blue square", "a small green star", "a blue square", "a big pink diamond"]
+    generator = HardNegativeGenerator(captions)
+    batch = processor(text=captions, images=images(4))
+    negatives = processor(text=[generator(c) for c in captions])
+    with torch.no_grad():
+        out = model(**batch, negative_input_ids=negatives["input_ids"],
+                    negative_attention_mask=negatives["attention_mask"], return_loss=True)
+        encoded_images = model.encode_images(batch["pixel_values"])
+        s = model.score(encoded_images, model.encode_texts(batch["input_ids"], batch["attention_mask"]))
+        n = model.score(encoded_images, model.encode_texts(negatives["input_ids"], negatives["attention_mask"]))
+    margin, size = model.config.margin, len(captions)
+    expected = 0.0
+    for i in range(size):
+        text_costs = [max(0.0, margin + float(s[i, j] - s[i, i])) for j in range(size) if j != i]
+        text_costs += [max(0.0, margin + float(n[i, j] - s[i, i])) for j in range(size)]
+        image_costs = [max(0.0, margin + float(s[j, i] - s[i, i])) for j in range(size) if j != i]
+        expected += (max(text_costs) + max(image_costs)) / size
+    assert abs(float(out.loss) - expected) < 1e-5
+    assert out.logits_per_image.shape == (4, 4)  # negatives are training-only columns
+    with torch.no_grad():
+        assert float(out.loss) != float(model(**batch, return_loss=True).loss)
+
+
+@pytest.mark.parametrize("model_type", ["mvam", "uarda"])
+def test_training_with_hard_negatives_passes_one_per_caption(model_type, tmp_path, monkeypatch):
+    """run.py --hard_negatives: every training forward of either model gets one hard negative per
+    caption, a different caption of the same batch size; without the flag, none."""
+    import hf_mvam
+
+    model_class = hf_mvam.MODEL_CLASSES[model_type][1]
+    forward, seen = model_class.forward, []
+
+    def spy(self, *args, **kwargs):
+        if kwargs.get("return_loss"):
+            seen.append((kwargs["input_ids"], kwargs.get("negative_input_ids")))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(model_class, "forward", spy)
+    tiny = TINY if model_type == "mvam" else TINY_UARDA
+    train("--output_dir", tmp_path / "with", "--model_type", model_type, "--hard_negatives", *tiny, *SYNTHETIC, *FAST)
+    assert len(seen) == 4  # --max_steps 4
+    for captions, negatives in seen:
+        assert negatives is not None and negatives.shape[0] == captions.shape[0] == 8
+        assert not torch.equal(negatives[:, : captions.shape[1]], captions[:, : negatives.shape[1]])
+    seen.clear()
+    train("--output_dir", tmp_path / "without", "--model_type", model_type, *tiny, *SYNTHETIC, *FAST)
+    assert len(seen) == 4 and all(negatives is None for _, negatives in seen)

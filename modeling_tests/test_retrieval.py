@@ -149,9 +149,12 @@ def test_pair_scores_equal_uarda_scoring(mode, direction, aggregation):
     full = model.score(UARDAImageEncoding(image_fragments=regions), UARDATextEncoding(text_fragments=words, text_mask=mask))
     pair_images = torch.randint(0, n_images, (150,), generator=generator)
     pair_texts = torch.randint(0, n_texts, (150,), generator=generator)
-    # a tiny block budget: many chunks, images split across groups, padded slots
-    scores = pair_scores(model, regions, words, mask, pair_images, pair_texts, block_elements=4 * n_words * n_regions)
+    scores = pair_scores(model, regions, words, mask, pair_images, pair_texts)  # grouped by image
     torch.testing.assert_close(scores, full[pair_images, pair_texts].detach(), rtol=0, atol=2e-6)
+    shortlists = torch.randint(0, n_images, (3, 6), generator=generator)  # 3 caption queries, 6 images each
+    queries = torch.tensor([4, 11, 17]).repeat_interleave(6)
+    by_caption = pair_scores(model, regions, words, mask, shortlists.flatten(), queries)
+    torch.testing.assert_close(by_caption, full[shortlists.flatten(), queries].detach(), rtol=0, atol=2e-6)
     # numpy arrays (as memmaps are) give the same scores as tensors
     from_numpy = pair_scores(model, regions.numpy(), words.numpy(), mask.numpy(), pair_images, pair_texts)
     torch.testing.assert_close(from_numpy, scores, rtol=0, atol=2e-6)

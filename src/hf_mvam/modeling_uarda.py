@@ -484,6 +484,8 @@ class UARDAModel(UARDAPreTrainedModel):
         attention_mask: Optional[torch.Tensor] = None,
         pixel_values: Optional[torch.FloatTensor] = None,
         image_features: Optional[torch.FloatTensor] = None,
+        negative_input_ids: Optional[torch.LongTensor] = None,
+        negative_attention_mask: Optional[torch.Tensor] = None,
         return_loss: Optional[bool] = None,
         return_dict: Optional[bool] = None,
         **kwargs,
@@ -496,6 +498,9 @@ class UARDAModel(UARDAPreTrainedModel):
             return_loss: triplet loss over in-batch negatives (see ``max_violation``); needs paired inputs
                 (image i with caption i). In training mode it also updates the relevance
                 threshold from the batch's relevant and lowest-scoring-negative similarities (NAAF).
+            negative_input_ids, negative_attention_mask: [N', L'] hard negative captions (NegCLIP;
+                see ``hf_mvam.data.hard_negatives``): with ``return_loss``, extra caption negatives
+                of every image in the triplet loss, never queries; not in the logits.
         """
         if input_ids is None:
             raise ValueError("UARDAModel.forward needs input_ids")
@@ -515,7 +520,11 @@ class UARDAModel(UARDAPreTrainedModel):
             threshold.zero_()
         loss = None
         if return_loss:
-            loss = triplet_loss(scores, self.config.margin, self.config.max_violation)
+            negative_scores = None
+            if negative_input_ids is not None:
+                negatives = self.encode_texts(negative_input_ids, negative_attention_mask)
+                negative_scores = self.score(images, negatives)  # [N_i, N']
+            loss = triplet_loss(scores, self.config.margin, self.config.max_violation, negative_scores)
             if self.training and scores.shape[0] > 1:
                 # NAAF's irrelevant samples: words against the lowest-scoring image of the batch.
                 relevant, irrelevant = relevance_samples(image_fragments, text_fragments, text_mask, scores)

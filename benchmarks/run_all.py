@@ -21,8 +21,8 @@ BENCHMARKS = [  # (script, extra flags, the table it writes)
     ("bench_uarda_scorer.py", [], "uarda_scorer"),
     ("bench_uarda_scorer.py", ["--coco"], "uarda_scorer_coco"),
     ("bench_mvam_speed.py", [], "mvam_speed"),
-    ("bench_quality.py", [], "quality"),
-    ("bench_uarda_training.py", [], "uarda_training"),
+    ("bench_regions.py", [], "regions"),
+    ("bench_finetune.py", [], "finetune"),
     ("bench_retrieval.py", [], "retrieval"),
 ]
 

@@ -4,16 +4,20 @@ those trained models (part 4).
 
 1. Features: ``python -m hf_mvam.extract_features --train_region_encoder`` on the synthetic
    benchmark (10,000 / 500 / 1,000 images): 36 regions per image, a 128-d embedding from a region
-   encoder pretrained on the object labels plus 5 box-geometry numbers (cached; ~8 min).
-2. Training: every contender through `training/run.py --data FEATURES`, seeds 0/1/2, validation
-   every ``steps / 6`` steps (the curves show where they flatten), the same steps and learning
-   rate for every contender. Part 3: the K=1 dual encoder again with ``--hard_negatives``.
-3. Tables: test recalls and rSum (mean ± std over seeds), rSum against each method's baseline,
-   minimal-pair accuracy per changed attribute in both directions, the validation curves.
-4. Retrieval time (part 4): each trained UARDA model's test encodings scored by its own ``score``
-   in scan mode and in uarda mode at its learned threshold and at a few retrieval thresholds,
-   interleaved rounds in this process (best of ``--rounds``): seconds, words skipped, rSum; and
-   the two word–region similarity distributions against the threshold (a figure).
+   encoder pretrained on the object labels plus 5 box-geometry numbers (cached; ~18 min: 8 to
+   pretrain the region encoder, 10 to extract).
+2. Training: every contender through `training/run.py --data FEATURES`, seeds 0/1/2, on its
+   family's SCHEDULE (steps, batch, validation interval: the curves show where they flatten) and
+   run.py's learning rate. Part 3: MVAM and K=1 again with ``--hard_negatives``; MVAM without
+   the diversity term (these three on the first seed only: the 2-core budget).
+3. Tables: test recalls and rSum (mean ± std over seeds), rSum against each method's baseline on
+   the same seeds, minimal-pair accuracy per changed attribute in both directions, MVAM's view
+   overlap with and without the diversity term, the validation curves.
+4. Retrieval time (part 4): each trained UARDA model's encodings of the first TIMING_IMAGES test
+   images scored by its own ``score`` in scan mode and in uarda mode at its learned threshold and
+   at RETRIEVAL_THRESHOLDS (``UARDAConfig.retrieval_threshold``), interleaved rounds in this
+   process (best of ``--rounds``): seconds, words skipped, rSum; and the two word–region
+   similarity distributions against the threshold (a figure).
 5. Figures: each MVAM view's attention on the region boxes, each word's UARDA attention on them.
 
 Usage: python benchmarks/bench_regions.py [--seeds 0 1 2] [--jobs 2] [--reuse] [--tiny] [--out-dir DIR]

@@ -577,3 +577,26 @@ def test_card_is_named_after_the_hub_repository(pushed):
     folder, _, _ = pushed
     data = ModelCard.load(folder / "README.md").data.to_dict()
     assert data["model-index"][0]["name"] == "tiny-mvam" and folder.name != "tiny-mvam"
+
+
+@pytest.mark.parametrize("model_type", ["mvam", "uarda"])
+def test_the_same_command_twice_gives_the_same_model(model_type, tmp_path):
+    """Issue 19: the same training command and seed, in two fresh processes with other hash seeds,
+    gives byte-identical tokenizer.json and model.safetensors, and equal eval_results.json (the
+    caption tokenizer is trained from scratch in each run)."""
+    import os
+
+    tiny = TINY if model_type == "mvam" else TINY_UARDA
+    folders = []
+    for hash_seed in ("1", "2"):
+        out = tmp_path / f"run{hash_seed}"
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "HF_MVAM_CACHE": str(tmp_path / "cache")}
+        result = subprocess.run([sys.executable, "training/run.py", "--output_dir", str(out), "--model_type", model_type,
+                                 *tiny, *SYNTHETIC, *FAST, "--seed", "3"],
+                                cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        folders.append(out)
+    first, second = folders
+    assert (first / "tokenizer.json").read_bytes() == (second / "tokenizer.json").read_bytes()
+    assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
+    assert json.loads((first / "eval_results.json").read_text()) == json.loads((second / "eval_results.json").read_text())

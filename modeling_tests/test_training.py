@@ -363,6 +363,7 @@ def test_logit_scale_is_capped_at_clips_100():
         (["--hub_strategy", "every_save"], "--hub_strategy every_save needs --push_to_hub"),
         (["--streaming", "--data", "someone/data", "--all_pairs"], "--all_pairs visits every pair of the whole split"),
         (["--lr_scheduler_type", "reduce_lr_on_plateau"], "invalid choice: 'reduce_lr_on_plateau'"),
+        (["--do_train", "false"], "nothing to do: --do_train and --do_eval are both false"),
     ],
 )
 def test_bad_arguments_are_refused_with_their_message(argv, message, capsys):
@@ -384,6 +385,22 @@ def test_a_batch_without_negatives_is_refused():
     with pytest.raises(ValueError, match="negatives from the other pairs of each process's batch, and there are none"):
         check(["--model_type", "uarda", "--per_device_train_batch_size", "1"], 2)
     check(["--model_type", "uarda", "--per_device_train_batch_size", "2"], 1)
+
+
+@pytest.mark.parametrize(
+    "argv, do_train, do_eval",
+    [([], True, True), (["--do_train"], True, False), (["--do_train", "--do_eval", "false"], True, False),
+     (["--do_train", "true", "--do_eval"], True, True)],
+)
+def test_do_train_and_do_eval_are_taken_as_given(argv, do_train, do_eval):
+    """Neither flag: train and evaluate. Otherwise each as given (unset: false), so an explicit
+    --do_train false never trains."""
+    train_args = run.parse_arguments(argv)[2]
+    assert (train_args.do_train, train_args.do_eval) == (do_train, do_eval)
+    from hf_mvam.arguments import TrainingArguments
+
+    only_eval = TrainingArguments(do_train=False, do_eval=True)  # what --do_train false --do_eval parses to
+    assert (only_eval.do_train, only_eval.do_eval) == (False, True)
 
 
 def test_arguments_from_json_and_yaml(tmp_path):
@@ -560,3 +577,26 @@ def test_card_is_named_after_the_hub_repository(pushed):
     folder, _, _ = pushed
     data = ModelCard.load(folder / "README.md").data.to_dict()
     assert data["model-index"][0]["name"] == "tiny-mvam" and folder.name != "tiny-mvam"
+
+
+@pytest.mark.parametrize("model_type", ["mvam", "uarda"])
+def test_the_same_command_twice_gives_the_same_model(model_type, tmp_path):
+    """Issue 19: the same training command and seed, in two fresh processes with other hash seeds,
+    gives byte-identical tokenizer.json and model.safetensors, and equal eval_results.json (the
+    caption tokenizer is trained from scratch in each run)."""
+    import os
+
+    tiny = TINY if model_type == "mvam" else TINY_UARDA
+    folders = []
+    for hash_seed in ("1", "2"):
+        out = tmp_path / f"run{hash_seed}"
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "HF_MVAM_CACHE": str(tmp_path / "cache")}
+        result = subprocess.run([sys.executable, "training/run.py", "--output_dir", str(out), "--model_type", model_type,
+                                 *tiny, *SYNTHETIC, *FAST, "--seed", "3"],
+                                cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        folders.append(out)
+    first, second = folders
+    assert (first / "tokenizer.json").read_bytes() == (second / "tokenizer.json").read_bytes()
+    assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
+    assert json.loads((first / "eval_results.json").read_text()) == json.loads((second / "eval_results.json").read_text())

@@ -261,9 +261,12 @@ class TrainingArguments:
         False, "Replace model files in OUTPUT_DIR that no run of this script wrote (other files are kept), and "
         "delete the checkpoints in OUTPUT_DIR/checkpoints that this run would not continue, instead of refusing."
     )
-    do_train: bool = option(False, "Train (default: train and evaluate when neither --do_train nor --do_eval is given).")
+    # None until given; typed bool (not Optional) so that a bare --do_train parses as true.
+    do_train: bool = option(
+        None, "Train (default: train and evaluate when neither --do_train nor --do_eval is given)."
+    )
     do_eval: bool = option(
-        False, "Evaluate on the test split (or validation). Alone, with --model_name_or_path: evaluate that "
+        None, "Evaluate on the test split (or validation). Alone, with --model_name_or_path: evaluate that "
         "model without training, writing OUTPUT_DIR/eval_results.json."
     )
     per_device_train_batch_size: int = option(
@@ -330,8 +333,11 @@ class TrainingArguments:
             raise ValueError(f"--save_total_limit must be >= 1, got {self.save_total_limit}")
         if self.dataloader_num_workers is not None and self.dataloader_num_workers < 0:
             raise ValueError(f"--dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}")
-        if not (self.do_train or self.do_eval):
+        if self.do_train is None and self.do_eval is None:
             self.do_train = self.do_eval = True
+        self.do_train, self.do_eval = bool(self.do_train), bool(self.do_eval)
+        if not (self.do_train or self.do_eval):
+            raise ValueError("nothing to do: --do_train and --do_eval are both false")
         if self.hub_model_id is not None:
             validate_repo_id(self.hub_model_id)  # HFValidationError is a ValueError naming the problem
         if self.push_to_hub and not self.hub_model_id:

@@ -364,6 +364,8 @@ def test_logit_scale_is_capped_at_clips_100():
         (["--streaming", "--data", "someone/data", "--all_pairs"], "--all_pairs visits every pair of the whole split"),
         (["--lr_scheduler_type", "reduce_lr_on_plateau"], "invalid choice: 'reduce_lr_on_plateau'"),
         (["--do_train", "false"], "nothing to do: --do_train and --do_eval are both false"),
+        (["--streaming", "--data", "someone/data", "--image_root", "images", "--max_steps", "2"],
+         "--image_root does not apply to --streaming"),
     ],
 )
 def test_bad_arguments_are_refused_with_their_message(argv, message, capsys):
@@ -600,3 +602,18 @@ def test_the_same_command_twice_gives_the_same_model(model_type, tmp_path):
     assert (first / "tokenizer.json").read_bytes() == (second / "tokenizer.json").read_bytes()
     assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
     assert json.loads((first / "eval_results.json").read_text()) == json.loads((second / "eval_results.json").read_text())
+
+
+def test_streaming_passes_allow_paths_outside_data_root(monkeypatch, tmp_path):
+    """--allow_paths_outside_data_root reaches the streamed loader too (it was accepted and ignored)."""
+    seen = {}
+
+    def fake_streaming_splits(*args, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(run, "load_streaming_splits", fake_streaming_splits)
+    for flags, allowed in (([], False), (["--allow_paths_outside_data_root"], True)):
+        with pytest.raises(SystemExit):
+            train("--streaming", "--data", "someone/data", "--max_steps", "2", "--output_dir", tmp_path / "out", *flags)
+        assert seen["allow_paths_outside_data_root"] is allowed

@@ -115,6 +115,7 @@ def load_data(data_args, train_args, accelerator: Accelerator):
                 train, evaluation = load_streaming_splits(
                     data_args.data, data_args.image_column, data_args.caption_column, train_args.seed,
                     data_args.max_train_samples, data_args.max_eval_samples,
+                    allow_paths_outside_data_root=data_args.allow_paths_outside_data_root,
                 )
                 splits = {"train": train, **evaluation}
             else:

@@ -229,6 +229,8 @@ class DataArguments:
             raise ValueError("--streaming needs --data: a Hub dataset id or a folder of data files")
         if self.streaming and self.all_pairs:
             raise ValueError("--all_pairs visits every pair of the whole split each epoch: it cannot stream; drop one")
+        if self.streaming and self.image_root is not None:
+            raise ValueError("--image_root does not apply to --streaming: streamed paths are read relative to --data")
 
     def source(self) -> dict:
         """The arguments of ``hf_mvam.data.splits.load_splits`` (which data to load)."""

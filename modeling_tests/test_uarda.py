@@ -512,3 +512,23 @@ def test_retrieval_threshold_is_used_in_eval_mode_only(tiny_tokenizer, uarda_pro
     model.eval().save_pretrained(tmp_path)
     loaded = UARDAModel.from_pretrained(tmp_path).eval()
     assert loaded.config.retrieval_threshold == 0.2 and loaded.scoring_threshold().item() == pytest.approx(0.2)
+
+
+def test_scores_are_float32_under_autocast(tiny_tokenizer, uarda_processor):
+    """score runs the attention in float32 whatever autocast does to the towers: on CUDA, autocast
+    lowers the similarity product but keeps softmaxes and sums in float32, and the scorer's
+    products of the two failed on mixed dtypes. The scores equal float32 scoring of the same
+    fragments."""
+    model = tiny_uarda(tiny_tokenizer, threshold_mode="uarda", direction="both")
+    batch = uarda_processor(text=CAPTIONS4, images=images(3))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        image_encoding = model.encode_images(batch["pixel_values"])
+        text_encoding = model.encode_texts(batch["input_ids"], batch["attention_mask"])
+        low = type(image_encoding)(image_fragments=image_encoding.image_fragments.bfloat16())
+        scores = model.score(low, text_encoding)
+    assert scores.dtype == torch.float32
+    with torch.no_grad():
+        expected = model.score(type(image_encoding)(image_fragments=low.image_fragments.float()),
+                               type(text_encoding)(text_fragments=text_encoding.text_fragments.float(),
+                                                   text_mask=text_encoding.text_mask))
+    torch.testing.assert_close(scores, expected)

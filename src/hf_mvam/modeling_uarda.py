@@ -462,21 +462,25 @@ class UARDAModel(UARDAPreTrainedModel):
         mode (retrieval) they score only their penalty (best similarity − threshold) and nothing
         else is computed for them; in training mode they also keep SCAN's relevance-score branch,
         as NAAF trains (see ``cross_attention_scores``). The threshold is :meth:`scoring_threshold`."""
-        return cross_attention_scores(
-            image_encoding.image_fragments,
-            text_encoding.text_fragments,
-            text_encoding.text_mask,
-            direction=self.config.direction,
-            aggregation=self.config.aggregation,
-            lambda_softmax=self.config.lambda_softmax,
-            lambda_lse=self.config.lambda_lse,
-            threshold_mode=self.config.threshold_mode,
-            threshold=self.scoring_threshold(),
-            skip_irrelevant_queries=not self.training,
-            memory_budget_mb=memory_budget_mb,
-            progress=progress,
-            return_stats=return_stats,
-        )
+        # In float32 whatever the autocast dtype: the attention mixes products (which autocast
+        # lowers) with softmaxes and sums (which it keeps in float32), and the cosines need it.
+        image_fragments = image_encoding.image_fragments
+        with torch.autocast(device_type=image_fragments.device.type, enabled=False):
+            return cross_attention_scores(
+                image_fragments.float(),
+                text_encoding.text_fragments.float(),
+                text_encoding.text_mask,
+                direction=self.config.direction,
+                aggregation=self.config.aggregation,
+                lambda_softmax=self.config.lambda_softmax,
+                lambda_lse=self.config.lambda_lse,
+                threshold_mode=self.config.threshold_mode,
+                threshold=self.scoring_threshold(),
+                skip_irrelevant_queries=not self.training,
+                memory_budget_mb=memory_budget_mb,
+                progress=progress,
+                return_stats=return_stats,
+            )
 
     def forward(
         self,

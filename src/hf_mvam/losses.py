@@ -18,12 +18,9 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     torch.distributed or with one process. Every process must pass the same shape."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor
-    try:  # the current name; all_gather_tensor_autograd (older torch) now warns on every call
-        from torch.distributed._functional_collectives import all_gather_single_autograd as gather
-    except ImportError:
-        from torch.distributed._functional_collectives import all_gather_tensor_autograd as gather
+    from torch.distributed.nn.functional import all_gather  # the autograd-enabled collective
 
-    return gather(tensor.contiguous(), gather_dim=0, group=dist.group.WORLD)
+    return torch.cat(all_gather(tensor.contiguous()), dim=0)
 
 
 def _rank_offset(local_batch: int) -> int:

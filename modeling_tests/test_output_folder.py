@@ -16,12 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from hf_mvam.checkpointing import TrainerState, latest_checkpoint, list_checkpoints
 from hf_mvam import output_folder
 from hf_mvam.output_folder import RUN_DIR, OutputFolder, OutputFolderError
-from training_runs import FAST, SYNTHETIC, TINY, synthetic_cache, train, weights  # noqa: F401
+from training_runs import FAST, SYNTHETIC, TINY, fake_checkpoint, synthetic_cache, train, weights  # noqa: F401
 
 # The scripts below load output_folder.py alone (it needs only filelock): a process starts in 0.1 s.
 LOAD = f"""
@@ -121,19 +120,11 @@ for version in itertools.count():
     assert not list(tmp_path.glob(".out.*"))  # staging folders of the killed writers are gone
 
 
-def _checkpoint(checkpoints: Path, step: int) -> Path:
-    folder = checkpoints / f"checkpoint_{step}"
-    (folder / "processor").mkdir(parents=True)
-    (folder / "trainer_state.json").write_text(TrainerState(global_step=step).to_json())
-    save_file({"weight": torch.ones(256)}, folder / "model.safetensors")
-    return folder
-
-
 def test_a_corrupt_newest_checkpoint_is_passed_over_with_a_warning(tmp_path, caplog):
     checkpoints = tmp_path / "checkpoints"
-    good = _checkpoint(checkpoints, 2)
+    good = fake_checkpoint(checkpoints, 2)
     for damage in ("truncated weights", "bad json", "no weights"):
-        newest = _checkpoint(checkpoints, 4)
+        newest = fake_checkpoint(checkpoints, 4)
         if damage == "truncated weights":
             data = (newest / "model.safetensors").read_bytes()
             (newest / "model.safetensors").write_bytes(data[: len(data) // 2])

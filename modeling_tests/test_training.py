@@ -29,7 +29,7 @@ from hf_mvam.checkpointing import (
     TrainerState, latest_checkpoint, list_checkpoints, save_checkpoint, starting_checkpoint,
 )
 
-from training_runs import FAST, REPO, SYNTHETIC, TINY, TINY_UARDA, run, synthetic_cache, train, weights  # noqa: F401
+from training_runs import FAST, REPO, SYNTHETIC, TINY, TINY_UARDA, fake_checkpoint, run, synthetic_cache, train, weights  # noqa: F401
 
 
 # --- data written the way users have it ---------------------------------------------------------
@@ -247,22 +247,12 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path):
     assert not partial.exists() and [c.name for c in list_checkpoints(second / "checkpoints")] == ["checkpoint_3", "checkpoint_6"]
 
 
-def _fake_checkpoint(checkpoints: Path, step: int) -> Path:
-    from safetensors.torch import save_file
-
-    folder = checkpoints / f"checkpoint_{step}"
-    (folder / "processor").mkdir(parents=True)
-    (folder / "trainer_state.json").write_text(TrainerState(global_step=step).to_json())
-    save_file({"weight": torch.zeros(2)}, folder / "model.safetensors")
-    return folder
-
-
 def test_checkpoints_this_run_would_not_continue_are_refused_or_overwritten(tmp_path):
     """Checkpoints of an earlier run are never deleted silently: a fresh start refuses beside them,
     --resume_from_checkpoint latest continues them, --overwrite_output_dir deletes them; resuming
     from an earlier checkpoint does the same with the later ones (an abandoned run's)."""
     checkpoints = tmp_path / "checkpoints"
-    first, later = _fake_checkpoint(checkpoints, 9), _fake_checkpoint(checkpoints, 12)
+    first, later = fake_checkpoint(checkpoints, 9), fake_checkpoint(checkpoints, 12)
     accelerator = Accelerator(cpu=True)
 
     def start(*flags):
@@ -310,7 +300,7 @@ def test_save_checkpoint_replaces_the_same_step_and_keeps_the_new_one(tmp_path):
     assert again == first and not (again / "stale.txt").exists()
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint_5"]  # nothing left aside
     # a later step on disk (an older run's) never makes the prune delete the checkpoint just written
-    _fake_checkpoint(checkpoints, 30)
+    fake_checkpoint(checkpoints, 30)
     newest = save_checkpoint(_MainProcess(), checkpoints, TrainerState(global_step=8), 1, _Processor())
     assert newest.is_dir() and (newest / "trainer_state.json").is_file()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import TINY_TEXT, TINY_VISION
 
@@ -55,3 +55,15 @@ def train(*argv) -> dict:
 
 def weights(folder) -> dict[str, torch.Tensor]:
     return load_file(Path(folder) / "model.safetensors")
+
+
+def fake_checkpoint(checkpoints: Path, step: int) -> Path:
+    """A complete checkpoint folder of ``step`` (state, processor folder, a 1 KB weights file)
+    without training, for the checkpoint-selection tests."""
+    from hf_mvam.checkpointing import TrainerState
+
+    folder = checkpoints / f"checkpoint_{step}"
+    (folder / "processor").mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(TrainerState(global_step=step).to_json())
+    save_file({"weight": torch.ones(256)}, folder / "model.safetensors")
+    return folder
